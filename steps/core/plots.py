@@ -1,0 +1,98 @@
+"""Figures for people: confusion matrices, misclassified examples, training curves.
+
+Built on ``matplotlib.figure.Figure`` directly (no pyplot): no global state, no GUI backend,
+and nothing to close when a figure goes out of scope.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def confusion_matrix_figure(
+    cm: np.ndarray, class_names: list[str], normalized: bool = False
+) -> Figure:
+    values = cm.astype(np.float64)
+    if normalized:
+        row_sums = values.sum(axis=1, keepdims=True)
+        values = np.divide(values, row_sums, out=np.zeros_like(values), where=row_sums > 0)
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalized else None)
+    fig.colorbar(image, ax=ax, label="fraction of true class" if normalized else "images")
+    n = len(class_names)
+    ax.set_xticks(range(n), class_names, rotation=45 if max(map(len, class_names)) > 2 else 0,
+                  ha="right" if max(map(len, class_names)) > 2 else "center")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    total_acc = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(
+        f"Confusion matrix{' (normalized by row)' if normalized else ''} "
+        f"- accuracy {total_acc:.2%}"
+    )
+    threshold = values.max() / 2 if values.size else 0
+    for i in range(n):
+        for j in range(n):
+            text = f"{values[i, j]:.2f}" if normalized else f"{int(values[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if values[i, j] > threshold else "black")
+    return fig
+
+
+def misclassified_figure(
+    images: np.ndarray,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    confidence: np.ndarray,
+    class_names: list[str],
+    max_images: int = 36,
+) -> Figure:
+    """A grid of the most confidently wrong predictions, labelled true -> predicted."""
+    wrong = np.flatnonzero(y_true != y_pred)
+    wrong = wrong[np.argsort(-confidence[wrong])][:max_images]
+    cols = 6
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig = Figure(figsize=(cols * 1.6, rows * 1.8 + 0.6), layout="constrained")
+    fig.suptitle(
+        f"Misclassified: {int((y_true != y_pred).sum())} of {len(y_true)} test images "
+        f"(most confident first)"
+    )
+    if len(wrong) == 0:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        return fig
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i].reshape(28, 28), cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(
+            f"true {class_names[y_true[i]]}\npred {class_names[y_pred[i]]} "
+            f"({confidence[i]:.0%})",
+            fontsize=8, color="firebrick",
+        )
+    return fig
+
+
+def training_curves_figure(history: list[dict]) -> Figure:
+    """Loss (train and validation) and validation accuracy per epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    loss_ax.legend()
+    acc = [h["val_accuracy"] for h in history]
+    acc_ax.plot(epochs, acc, "o-", color="tab:green")
+    best = int(np.argmax(acc))
+    acc_ax.annotate(f"best {acc[best]:.2%}", (epochs[best], acc[best]),
+                    textcoords="offset points", xytext=(0, -15), ha="center")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(epochs)
+    return fig

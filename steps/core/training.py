@@ -1,0 +1,187 @@
+"""The training loop: in-memory tensors, index slicing, one readable function.
+
+The whole split is moved to the device once as a float32 tensor; each batch is a gather by a
+shuffled index. No Dataset/DataLoader and no per-sample Python work: for a model this small
+the data path, not the arithmetic, is what an epoch costs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from steps.core.model import build_model
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    arch: str = "mlp"
+    hidden: tuple[int, int] | None = None
+    seed: int = 42
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError("learning_rate must be > 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+
+    def as_params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # holds the best epoch's weights, on the CPU, in eval mode
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = 0.0
+    device: str = "cpu"
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit choice must be available."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if requested == "cuda" and not cuda:
+        raise ValueError("device=cuda but no CUDA GPU is available; use device=auto or cpu")
+    if requested == "mps" and not mps:
+        raise ValueError("device=mps but MPS is not available; use device=auto or cpu")
+    return torch.device(requested)
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    # Plain SGD at the same lr as Adam barely moves; momentum makes the two comparable.
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def to_device_tensors(
+    x: np.ndarray, y: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw uint8 images -> one float32 tensor on ``device`` (converted once, not per batch)."""
+    return (
+        torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=torch.float32),
+        torch.from_numpy(np.ascontiguousarray(y)).to(device=device, dtype=torch.long),
+    )
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 2048
+) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    loss = nn.functional.cross_entropy(logits, y).item()
+    accuracy = (logits.argmax(1) == y).float().mean().item()
+    return loss, accuracy
+
+
+def train(
+    config: TrainConfig,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    on_epoch_end: Callable[[EpochResult], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train a fresh ``config.arch`` network and return it with the best epoch's weights.
+
+    ``on_epoch_end`` sees each epoch's result (the scripts log it; a tuner may raise there
+    to prune a trial). ``progress`` shows a batch progress bar (for terminals).
+    """
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    model = build_model(config.arch, config.hidden).to(device)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate)
+    loss_fn = nn.CrossEntropyLoss()
+    xt, yt = to_device_tensors(x_train, y_train, device)
+    xv, yv = to_device_tensors(x_val, y_val, device)
+    shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
+    n = len(yt)
+
+    result = TrainResult(model=model, device=str(device))
+    best_state = None
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=shuffle).to(device)
+        # Summed on the device: a .item() per batch would sync a GPU every step.
+        loss_sum = torch.zeros((), device=device)
+        batches = range(0, n, config.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                           leave=False)
+        for start in batches:
+            idx = order[start : start + config.batch_size]
+            xb, yb = xt[idx], yt[idx]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+        train_loss = (loss_sum / n).item()
+        if not np.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch} (loss is {train_loss}); "
+                "lower learning_rate"
+            )
+        val_loss, val_acc = loss_and_accuracy(predict_logits(model, xv), yv)
+        epoch_result = EpochResult(
+            epoch, train_loss, val_loss, val_acc, time.perf_counter() - started
+        )
+        result.history.append(epoch_result)
+        log.info(
+            "epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.4f (%.1fs)",
+            epoch, config.epochs, train_loss, val_loss, val_acc, epoch_result.seconds,
+        )
+        if best_state is None or val_acc > result.best_val_accuracy:
+            result.best_val_accuracy, result.best_epoch = val_acc, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
+                          model.state_dict().items()}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch_result)
+
+    best_model = copy.deepcopy(model).to("cpu")
+    best_model.load_state_dict(best_state)
+    result.model = best_model.eval()
+    return result

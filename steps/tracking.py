@@ -1,0 +1,201 @@
+"""What every entry script shares: CLI error handling, run bookkeeping, finding upstream runs.
+
+Deliberately free of torch so that ``main`` and ``register`` start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+
+import click
+
+log = logging.getLogger("steps")
+
+# Tags the steps write and read to find each other's outputs.
+TAG_STEP = "pipeline.step"
+TAG_DATASET = "pipeline.dataset"
+TAG_DATA_URI = "pipeline.data_uri"
+TAG_DATA_DIGEST = "pipeline.data_digest"
+TAG_MODEL_URI = "pipeline.model_uri"
+TAG_CACHE_KEY = "pipeline.cache_key"
+TAG_REUSED_RUN = "pipeline.reused_run_id"
+
+DEBUG_ENV = "PIPELINE_DEBUG"
+
+
+class StepError(Exception):
+    """A failure the user can act on. Its message is printed as one line, without traceback."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT arrived; unwinds like KeyboardInterrupt so runs are closed as KILLED."""
+
+
+def setup_logging() -> None:
+    # MLflow's artifact progress bars flood logs with carriage returns.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    level = logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # MLflow and its dependencies are chatty at INFO; keep the console for our summary.
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_cli(command: click.Command, args: list[str] | None = None) -> None:
+    """Run a click command; every failure ends as one ``error:`` line and a non-zero exit."""
+    setup_logging()
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        command.main(args=args, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        _fail(_click_message(exc), exc.exit_code or 2)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _close_active_run("KILLED")
+        _fail(f"interrupted ({exc or 'SIGINT'}); the run is marked KILLED", 130)
+    except StepError as exc:
+        _close_active_run("FAILED")
+        _fail(str(exc), 1)
+    except Exception as exc:  # anything else is still reported in one line
+        _close_active_run("FAILED")
+        if os.environ.get(DEBUG_ENV):
+            raise
+        first = str(exc).strip().splitlines()
+        _fail(
+            f"{type(exc).__name__}: {first[0] if first else ''} "
+            f"(set {DEBUG_ENV}=1 for the traceback)",
+            1,
+        )
+
+
+def _click_message(exc: click.ClickException) -> str:
+    if isinstance(exc, click.BadParameter) and exc.param is not None:
+        name = exc.param.name
+        return f"invalid value for {name}: {exc.message}"
+    if isinstance(exc, click.NoSuchOption):
+        return f"unknown option {exc.option_name}"
+    return exc.format_message()
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _close_active_run(status: str) -> None:
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def step_run(step: str, **tags: str) -> Iterator:
+    """Start (or, under ``mlflow run``, resume) this step's run and tag it with its name.
+
+    On error the run is ended FAILED by :func:`run_cli`; on interrupt KILLED; never left
+    RUNNING.
+    """
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.set_tags({TAG_STEP: step, **tags})
+        yield run
+
+
+def latest_finished_run(client, experiment_id: str, step: str, extra_filter: str = ""):
+    """The newest FINISHED run of ``step`` in the experiment, or None."""
+    query = f"tags.`{TAG_STEP}` = '{step}' and attributes.status = 'FINISHED'"
+    if extra_filter:
+        query += f" and {extra_filter}"
+    runs = client.search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def quote(value: str) -> str:
+    """Quote a value for an MLflow search filter."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_link(run) -> str:
+    """Where to look for ``run``: its UI address when the store is a server, else its id."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"run {run.info.run_id} (mlflow ui --backend-store-uri {uri}, then {path})"
+
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def model_name_option(func):
+    def check(_ctx, _param, value: str) -> str:
+        if not MODEL_NAME_RE.match(value):
+            raise click.BadParameter(
+                f"{value!r} is not a valid model name: use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (at most 128 characters)"
+            )
+        return value
+
+    return click.option("--model-name", default="mnist-classifier", show_default=True,
+                        callback=check, help="Registered model name.")(func)
+
+
+def load_data_artifact(data_uri: str):
+    """Download a download_data artifact and return the verified dataset.
+
+    Raises StepError naming the ``data`` parameter when the URI is missing or holds
+    something else.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from steps.core.data import DataError, load_saved_dataset
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri)
+    except (MlflowException, OSError) as exc:
+        raise StepError(
+            f"data={data_uri!r} cannot be read ({str(exc).splitlines()[0]}); pass the data URI "
+            "a download_data run logged (runs:/<run_id>/data) or leave data empty"
+        ) from None
+    try:
+        return load_saved_dataset(local)
+    except DataError as exc:
+        raise StepError(f"data={data_uri!r}: {exc}") from None
+
+
+def log_params_once(params: dict) -> None:
+    """Log params the active run does not have yet.
+
+    Under ``mlflow run`` the project backend has already logged the entry point's
+    parameters (as it stores them); logging them again with another spelling is an error.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    missing = {k: v for k, v in params.items() if k not in existing}
+    if missing:
+        mlflow.log_params(missing)
