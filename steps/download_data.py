@@ -19,8 +19,14 @@ import click
 
 from steps.core.data import DATASETS, DataError, dataset_digest
 from steps.tracking import (
+    TAG_DATA_DIGEST,
+    TAG_DATA_URI,
+    TAG_DATASET,
+    StepError,
     log_params_once,
-    TAG_DATA_DIGEST, TAG_DATA_URI, TAG_DATASET, StepError, run_cli, run_link, step_run,
+    run_cli,
+    run_link,
+    step_run,
 )
 
 log = logging.getLogger("steps.download_data")

@@ -22,9 +22,18 @@ import logging
 import click
 
 from steps.tracking import (
+    TAG_DATA_DIGEST,
+    TAG_DATA_URI,
+    TAG_DATASET,
+    TAG_MODEL_URI,
+    StepError,
+    latest_finished_run,
+    load_data_artifact,
     log_params_once,
-    TAG_DATA_DIGEST, TAG_DATA_URI, TAG_DATASET, TAG_MODEL_URI, StepError,
-    latest_finished_run, load_data_artifact, model_name_option, run_cli, run_link, step_run,
+    model_name_option,
+    run_cli,
+    run_link,
+    step_run,
 )
 
 log = logging.getLogger("steps.evaluate")

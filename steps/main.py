@@ -29,9 +29,18 @@ from pathlib import Path
 import click
 
 from steps.tracking import (
+    TAG_CACHE_KEY,
+    TAG_DATA_URI,
+    TAG_MODEL_URI,
+    TAG_REUSED_RUN,
+    TAG_STEP,
+    StepError,
     log_params_once,
-    TAG_CACHE_KEY, TAG_DATA_URI, TAG_MODEL_URI, TAG_REUSED_RUN, TAG_STEP, StepError,
-    model_name_option, quote, run_cli, run_link, step_run,
+    model_name_option,
+    quote,
+    run_cli,
+    run_link,
+    step_run,
 )
 
 log = logging.getLogger("steps.main")

@@ -24,9 +24,17 @@ from dataclasses import dataclass
 import click
 
 from steps.tracking import (
+    TAG_DATA_DIGEST,
+    TAG_DATASET,
+    TAG_MODEL_URI,
+    StepError,
+    latest_finished_run,
     log_params_once,
-    TAG_DATA_DIGEST, TAG_DATASET, TAG_MODEL_URI, StepError, latest_finished_run,
-    model_name_option, quote, run_cli, run_link, step_run,
+    model_name_option,
+    quote,
+    run_cli,
+    run_link,
+    step_run,
 )
 
 log = logging.getLogger("steps.register")

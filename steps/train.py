@@ -22,9 +22,17 @@ import click
 from steps.core.model import ARCHS
 from steps.core.training import DEVICES, OPTIMIZERS
 from steps.tracking import (
+    TAG_DATA_DIGEST,
+    TAG_DATA_URI,
+    TAG_DATASET,
+    TAG_MODEL_URI,
+    StepError,
+    latest_finished_run,
+    load_data_artifact,
     log_params_once,
-    TAG_DATA_DIGEST, TAG_DATA_URI, TAG_DATASET, TAG_MODEL_URI, StepError,
-    latest_finished_run, load_data_artifact, run_cli, run_link, step_run,
+    run_cli,
+    run_link,
+    step_run,
 )
 
 log = logging.getLogger("steps.train")

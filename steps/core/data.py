@@ -230,12 +230,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+MIRRORS_ENV = "MNIST_PIPELINE_MIRRORS"
+
+
 def torchvision_sources(name: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """The official (filename, md5) list and mirrors torchvision uses for ``name``."""
+    """The official (filename, md5) list and mirrors torchvision uses for ``name``.
+
+    ``MNIST_PIPELINE_MIRRORS`` (comma-separated base URLs) replaces the mirrors, e.g. for a
+    local copy; the md5s stay the official ones.
+    """
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
-    return list(cls.resources), list(cls.mirrors)
+    override = [m.strip() for m in os.environ.get(MIRRORS_ENV, "").split(",") if m.strip()]
+    mirrors = [m if m.endswith("/") else m + "/" for m in override] or list(cls.mirrors)
+    return list(cls.resources), mirrors
 
 
 def download_dataset(name: str, cache_dir: str | os.PathLike) -> Dataset:

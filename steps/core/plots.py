@@ -67,7 +67,7 @@ def misclassified_figure(
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i in zip(axes.flat, wrong, strict=False):  # the grid may have spare cells
         ax.imshow(images[i].reshape(28, 28), cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(
             f"true {class_names[y_true[i]]}\npred {class_names[y_pred[i]]} "

@@ -1,0 +1,118 @@
+"""Shared fixtures: a throw-away sqlite tracking store, tiny IDX datasets, subprocess helpers."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A real sqlite store in a temp dir, used by this process and every subprocess."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri("")
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(PROJECT_DIR)
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    env.pop("PIPELINE_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def run_step(module: str, *args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """``python -m steps.<module> ARGS`` as a user would run it, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"steps.{module}", *args], capture_output=True, text=True,
+        timeout=timeout, env=subprocess_env(**env), cwd=os.getcwd(),
+    )
+
+
+def mlflow_run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """``mlflow run <project> --env-manager local ARGS`` in a subprocess."""
+    return subprocess.run(
+        [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager", "local",
+         *args],
+        capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env),
+        cwd=os.getcwd(),
+    )
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format MNIST uses."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def tiny_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 28x28 digits: scikit-learn's 8x8 digits upscaled, labels 0-9."""
+    from steps.core.data import load_digits_dataset
+
+    ds = load_digits_dataset()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds.y_train), size=n, replace=n > len(ds.y_train))
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def write_idx_folder(folder: Path, n_train: int = 200, n_test: int = 50, gz: bool = True,
+                     layout: str = "flat") -> Path:
+    """The four MNIST IDX files, flat or in torchvision's ``MNIST/raw`` layout."""
+    target = folder / "MNIST" / "raw" if layout == "torchvision" else folder
+    target.mkdir(parents=True, exist_ok=True)
+    x_train, y_train = tiny_images(n_train, seed=1)
+    x_test, y_test = tiny_images(n_test, seed=2)
+    files = {
+        "train-images-idx3-ubyte": x_train, "train-labels-idx1-ubyte": y_train,
+        "t10k-images-idx3-ubyte": x_test, "t10k-labels-idx1-ubyte": y_test,
+    }
+    for name, array in files.items():
+        raw = idx_bytes(array.astype(np.uint8))
+        if gz:
+            (target / f"{name}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (target / name).write_bytes(raw)
+    return folder
+
+
+@pytest.fixture
+def idx_folder(tmp_path) -> Path:
+    return write_idx_folder(tmp_path / "idx")
+
+
+def runs_of(experiment_ids=("0",), filter_string: str = ""):
+    import mlflow
+
+    return mlflow.MlflowClient().search_runs(list(experiment_ids), filter_string=filter_string,
+                                             max_results=1000)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *must_mention: str) -> str:
+    """Exit != 0, no traceback, and an ``error:`` line mentioning each of ``must_mention``."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    for word in must_mention:
+        assert word in errors[0], errors[0]
+    return errors[0]

@@ -1,0 +1,161 @@
+"""Model, training loop, metrics and figures on tiny tensors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_images
+
+from steps.core import metrics, model, plots, training
+
+
+@pytest.mark.parametrize("arch", model.ARCHS)
+@pytest.mark.parametrize("shape", [(3, 28, 28), (3, 1, 28, 28)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_models_take_raw_pixels_in_every_layout(arch, shape, dtype):
+    net = model.build_model(arch)
+    x = torch.randint(0, 256, shape).to(dtype)
+    assert net(x).shape == (3, model.NUM_CLASSES)
+
+
+def test_normalization_lives_in_the_model():
+    x = torch.full((2, 28, 28), 255.0)
+    normalized = model.Normalize()(x)
+    assert torch.allclose(normalized, torch.full_like(normalized, (255 - model.PIXEL_MEAN)
+                                                      / model.PIXEL_STD))
+
+
+def test_probabilities_wrapper_sums_to_one():
+    probs = model.Probabilities(model.build_model("mlp"))(torch.rand(4, 28, 28) * 255)
+    assert torch.allclose(probs.sum(1), torch.ones(4), atol=1e-6)
+    assert (probs >= 0).all()
+
+
+def test_hidden_sizes_shape_the_network():
+    net = model.build_model("mlp", (32, 16))
+    assert [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)] == [32, 16, 10]
+    with pytest.raises(ValueError, match="unknown arch"):
+        model.build_model("resnet")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "epochs"), ("learning_rate", 0.0, "learning_rate"),
+    ("learning_rate", -1.0, "learning_rate"), ("batch_size", 0, "batch_size"),
+    ("optimizer", "rmsprop", "optimizer"), ("device", "tpu", "device"),
+])
+def test_train_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        training.TrainConfig(**{field: value})
+
+
+def test_resolve_device():
+    assert training.resolve_device("cpu").type == "cpu"
+    assert training.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            training.resolve_device("cuda")
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    x, y = tiny_images(600, seed=3)
+    return x[:500], y[:500], x[500:], y[500:]
+
+
+def test_train_learns_and_returns_the_best_epoch(tiny_split):
+    seen = []
+    config = training.TrainConfig(epochs=3, batch_size=32, seed=0, device="cpu")
+    result = training.train(config, *tiny_split, on_epoch_end=seen.append)
+    assert [e.epoch for e in seen] == [1, 2, 3]
+    assert seen[-1].train_loss < seen[0].train_loss
+    assert result.best_val_accuracy == max(e.val_accuracy for e in seen) > 0.5
+    assert result.history[result.best_epoch - 1].val_accuracy == result.best_val_accuracy
+    # The returned model really holds the best epoch's weights.
+    x_val, y_val = training.to_device_tensors(tiny_split[2], tiny_split[3], torch.device("cpu"))
+    _, acc = training.loss_and_accuracy(training.predict_logits(result.model, x_val), y_val)
+    assert acc == pytest.approx(result.best_val_accuracy, abs=1e-6)
+    assert not result.model.training
+
+
+def test_train_is_reproducible_with_a_seed(tiny_split):
+    config = training.TrainConfig(epochs=1, batch_size=64, seed=5, device="cpu", arch="cnn")
+    first = training.train(config, *tiny_split).history[0]
+    second = training.train(config, *tiny_split).history[0]
+    assert first.train_loss == second.train_loss and first.val_accuracy == second.val_accuracy
+
+
+def test_train_reports_divergence(tiny_split):
+    config = training.TrainConfig(epochs=1, learning_rate=1e6, optimizer="sgd", device="cpu")
+    with pytest.raises(FloatingPointError, match="lower learning_rate"):
+        training.train(config, *tiny_split)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_cuda(tiny_split):
+    result = training.train(training.TrainConfig(epochs=1, device="cuda"), *tiny_split)
+    assert result.device.startswith("cuda")
+    assert next(result.model.parameters()).device.type == "cpu"
+
+
+def test_evaluate_predictions_against_hand_counts():
+    y = np.array([0, 0, 1, 1, 2])
+    probs = np.array([[.9, .1, 0], [.2, .8, 0], [0, 1, 0], [0, .6, .4], [.5, 0, .5]])
+    ev = metrics.evaluate_predictions(y, probs, num_classes=3)
+    assert ev.predictions.tolist() == [0, 1, 1, 1, 0]
+    assert ev.accuracy == pytest.approx(3 / 5)
+    assert ev.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert ev.precision.tolist() == pytest.approx([0.5, 2 / 3, 0.0])
+    assert ev.recall.tolist() == pytest.approx([0.5, 1.0, 0.0])
+    assert ev.f1[1] == pytest.approx(0.8)
+    expected_loss = -np.mean(np.log([.9, .2, 1, .6, .5]))
+    assert ev.loss == pytest.approx(expected_loss)
+    flat = ev.scalar_metrics()
+    assert flat["test_accuracy"] == pytest.approx(0.6)
+    assert flat["test_recall_class_1"] == 1.0 and "test_macro_f1" in flat
+    rows = ev.per_class_rows(["a", "b", "c"])
+    assert rows[2] == {"class": 2, "name": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                       "support": 1}
+
+
+def test_evaluate_predictions_rejects_empty():
+    with pytest.raises(ValueError, match="empty"):
+        metrics.evaluate_predictions(np.array([], int), np.zeros((0, 10)))
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def test_figures_render():
+    cm = np.array([[5, 1], [0, 4]])
+    assert _png(plots.confusion_matrix_figure(cm, ["0", "1"]))[:4] == b"\x89PNG"
+    assert _png(plots.confusion_matrix_figure(cm, ["cat", "dog"], normalized=True))[:4] == b"\x89PNG"
+    images = np.random.default_rng(0).integers(0, 255, (8, 28, 28), dtype=np.uint8)
+    y_true, y_pred = np.arange(8) % 2, np.zeros(8, int)
+    fig = plots.misclassified_figure(images, y_true, y_pred, np.linspace(0, 1, 8), ["0", "1"])
+    assert "4 of 8" in fig._suptitle.get_text()
+    assert _png(plots.misclassified_figure(images, y_pred, y_pred, np.ones(8), ["0", "1"]))
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.7},
+               {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.8}]
+    assert _png(plots.training_curves_figure(history))[:4] == b"\x89PNG"
+
+
+def test_core_imports_neither_mlflow_nor_click():
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).parent.parent / "steps" / "core").glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert "torch" in imported or "numpy" in imported, path  # the walk sees imports
+        assert not imported & {"mlflow", "click"}, path
