@@ -157,5 +157,6 @@ def test_core_imports_neither_mlflow_nor_click():
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
-        assert "torch" in imported or "numpy" in imported, path  # the walk sees imports
+        if path.name != "__init__.py":
+            assert "numpy" in imported, path  # the walk does see the module's imports
         assert not imported & {"mlflow", "click"}, path
