@@ -1,0 +1,164 @@
+"""Each entry point through the real ``mlflow.run`` against a real sqlite store.
+
+One module-scoped store is built up step by step (download -> train -> evaluate -> register),
+so the chain itself is under test and each step runs once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import PROJECT_DIR, VENV_BIN, run_step, write_idx_folder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store for the whole module; subprocesses find our interpreter on PATH."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PATH",
+                                             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
+                      MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    cwd = os.getcwd()
+    os.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    state = {"root": root, "uri": uri}
+    yield state
+    os.chdir(cwd)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    mlflow.set_tracking_uri("")
+
+
+def run_entry(entry_point: str, **params):
+    submitted = mlflow.run(str(PROJECT_DIR), entry_point, parameters=params,
+                           env_manager="local", synchronous=True)
+    return mlflow.MlflowClient().get_run(submitted.run_id)
+
+
+def test_evaluate_before_any_run_fails_clearly(store):
+    result = run_step("evaluate")
+    assert result.returncode == 1
+    assert "error: model_uri is empty" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_download_data_digits(store):
+    run = run_entry("download_data", dataset="digits")
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["pipeline.step"] == "download_data"
+    assert tags["pipeline.data_uri"] == f"runs:/{run.info.run_id}/data"
+    files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data")}
+    assert files == {"data/dataset.npz", "data/manifest.json"}
+    contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"train", "test"}
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"digits-train", "digits-test"}
+    assert run.data.metrics["train_size"] + run.data.metrics["test_size"] == 1797
+    store["data_uri"] = tags["pipeline.data_uri"]
+
+
+def test_download_data_from_a_folder(store, tmp_path):
+    folder = write_idx_folder(tmp_path / "idx", n_train=60, n_test=20, layout="torchvision")
+    run = run_entry("download_data", dataset="mnist", data_dir=str(folder))
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_size"] == 60 and run.data.metrics["test_size"] == 20
+
+
+def test_train_logs_metrics_and_a_pt2_model(store):
+    run = run_entry("train", data=store["data_uri"], epochs=2, batch_size=32)
+    assert run.info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    for metric in ("train_loss", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [1, 2], metric
+    assert run.data.metrics["best_val_accuracy"] > 0.8
+    for param in ("epochs", "learning_rate", "batch_size", "optimizer", "arch", "seed",
+                  "val_fraction", "device", "data"):
+        assert param in run.data.params
+    assert "training_curves.png" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    model_uri = run.data.tags["pipeline.model_uri"]
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
+    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 10)
+    assert info.flavors["pytorch"]["model_data"] == "data"
+    store["model_uri"] = model_uri
+    store["train_run"] = run
+
+
+def test_logged_model_loads_without_pickle(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    local = Path(mlflow.artifacts.download_artifacts(store["model_uri"]))
+    assert list(local.rglob("model.pt2")), "not saved in the pt2 format"
+    pyfunc = mlflow.pyfunc.load_model(store["model_uri"])
+    probs = pyfunc.predict(np.zeros((3, 28, 28), np.float32))
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(store):
+    run = run_entry("evaluate")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pipeline.model_uri"] == store["model_uri"]
+    assert run.data.tags["pipeline.data_uri"] == store["data_uri"]
+    metrics = run.data.metrics
+    assert 0.8 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
+    for k in range(10):
+        for name in ("precision", "recall", "f1"):
+            assert f"test_{name}_class_{k}" in metrics
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "misclassified.png",
+            "per_class_metrics.csv"} <= artifacts
+    csv_text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/per_class_metrics.csv")
+    assert csv_text.splitlines()[0] == "class,name,precision,recall,f1,support"
+    store["eval_run"] = run
+
+
+def test_register_creates_a_tagged_version_and_the_alias(store):
+    run = run_entry("register", model_uri=store["model_uri"])
+    assert run.info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("mnist-classifier", "champion")
+    assert str(version.version) == "1"
+    assert version.tags["model_uri"] == store["model_uri"]
+    assert version.tags["evaluate_run_id"] == store["eval_run"].info.run_id
+    assert version.tags["train_run_id"] == store["train_run"].info.run_id
+    assert float(version.tags["test_accuracy"]) == pytest.approx(
+        store["eval_run"].data.metrics["test_accuracy"], abs=1e-6)
+    assert version.tags["data_digest"] == store["eval_run"].data.tags["pipeline.data_digest"]
+    assert "champion -> v1" in run.data.tags["pipeline.alias_decision"]
+
+
+def test_registering_the_same_model_twice_adds_no_version(store):
+    run = run_entry("register", model_uri=store["model_uri"])
+    assert run.data.tags["pipeline.registered_version"] == "1"
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-classifier'")) == 1
+
+
+def test_a_worse_model_does_not_take_the_alias(store):
+    weak = run_entry("train", data=store["data_uri"], epochs=1, learning_rate=1e-5)
+    run_entry("evaluate", model_uri=weak.data.tags["pipeline.model_uri"])
+    run = run_entry("register", model_uri=weak.data.tags["pipeline.model_uri"])
+    assert run.data.tags["pipeline.registered_version"] == "2"
+    assert "champion stays on v1" in run.data.tags["pipeline.alias_decision"]
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("mnist-classifier", "champion").version) == "1"
+
+
+def test_evaluate_alone_prefers_the_champion(store):
+    run = run_entry("evaluate")
+    assert run.data.tags["pipeline.model_uri"] == store["model_uri"]
+
+
+def test_no_run_is_left_running(store):
+    runs = mlflow.MlflowClient().search_runs(["0"], max_results=1000)
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
