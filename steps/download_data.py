@@ -48,7 +48,10 @@ def cli(dataset: str, data_dir: str) -> None:
         try:
             ds = load_dataset(dataset, data_dir)
         except DataError as exc:
-            raise StepError(str(exc)) from None
+            message = str(exc)
+            if data_dir and "data_dir" not in message:
+                message = f"data_dir={data_dir!r}: {message}"
+            raise StepError(message) from None
         with tempfile.TemporaryDirectory() as tmp:
             save_dataset(ds, tmp)
             mlflow.log_artifacts(tmp, artifact_path="data")

@@ -159,9 +159,9 @@ def find_evaluation(client, experiment_id: str, model_uri: str):
     else:
         evaluation = latest_finished_run(client, experiment_id, "evaluate")
     if evaluation is None:
-        what = f"model {model_uri}" if model_uri else "any model"
+        what = f"model_uri={model_uri!r}: no" if model_uri else "model_uri is empty and no"
         raise StepError(
-            f"no finished evaluate run for {what} in this experiment; run "
+            f"{what} finished evaluate run for it in this experiment; run "
             "`mlflow run . -e evaluate -P model_uri=...` first (only evaluated models are "
             "registered)"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import subprocess
@@ -13,6 +14,31 @@ import pytest
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
+
+
+@contextlib.contextmanager
+def temporary_store(root: Path):
+    """Point this process and its subprocesses at a fresh sqlite store under ``root``."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PATH",
+                                             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
+                      MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    cwd = os.getcwd()
+    os.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        mlflow.set_tracking_uri("")
 
 
 @pytest.fixture

@@ -6,39 +6,22 @@ so the chain itself is under test and each step runs once.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-
-from conftest import PROJECT_DIR, VENV_BIN, run_step, write_idx_folder
+from conftest import PROJECT_DIR, run_step, temporary_store, write_idx_folder
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A sqlite store for the whole module; subprocesses find our interpreter on PATH."""
+    """One sqlite store for the whole module, built up by the tests in order."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PATH",
-                                             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
-    os.environ.update(MLFLOW_TRACKING_URI=uri, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
-                      MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-    cwd = os.getcwd()
-    os.chdir(root)
-    mlflow.set_tracking_uri(uri)
-    state = {"root": root, "uri": uri}
-    yield state
-    os.chdir(cwd)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    mlflow.set_tracking_uri("")
+    with temporary_store(root) as uri:
+        yield {"root": root, "uri": uri}
 
 
 def run_entry(entry_point: str, **params):
