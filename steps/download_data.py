@@ -73,4 +73,4 @@ def cli(dataset: str, data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(cli, fast_exit=True)

@@ -157,4 +157,4 @@ def evaluate_and_log(model_uri: str, dataset):
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(cli, fast_exit=True)

@@ -221,4 +221,4 @@ def absolutize_tracking_uri() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(cli, fast_exit=True)

@@ -204,4 +204,4 @@ def register_version(client, name: str, model_uri: str, evaluation):
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(cli, fast_exit=True)

@@ -183,4 +183,4 @@ def model_requirements() -> list[str]:
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(cli, fast_exit=True)

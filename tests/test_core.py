@@ -139,7 +139,8 @@ def test_figures_render():
     images = np.random.default_rng(0).integers(0, 255, (8, 28, 28), dtype=np.uint8)
     y_true, y_pred = np.arange(8) % 2, np.zeros(8, int)
     fig = plots.misclassified_figure(images, y_true, y_pred, np.linspace(0, 1, 8), ["0", "1"])
-    assert "4 of 8" in fig._suptitle.get_text()
+    assert "4 of 8" in fig.axes[0].get_title()
+    assert len(fig.axes[0].texts) == 4  # one label per wrong prediction
     assert _png(plots.misclassified_figure(images, y_pred, y_pred, np.ones(8), ["0", "1"]))
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.7},
                {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.8}]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-
 from conftest import mlflow_run, temporary_store
 
 pytestmark = pytest.mark.slow

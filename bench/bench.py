@@ -1,0 +1,284 @@
+"""`make bench`: how fast the pipeline is, as ratios measured in one run on this machine.
+
+Data: the real MNIST test images from ../shared/datasets/mnist-t10k tiled six times to a
+60,000-image training split (test split: the 10,000 originals); generated digits when that
+folder is absent. Everything runs against a fresh sqlite store under bench/work/.
+
+Measures:
+  1. per-epoch time of the train step's loop vs a bare in-memory PyTorch loop vs the
+     seed-style loop (torchvision MNIST dataset, per-sample ToTensor, DataLoader);
+  2. the first full ``mlflow run .`` (epochs=5, data_dir = the tiled set) vs the seed-style
+     script's 5 epochs of training plus per-epoch test;
+  3. the cached rerun of the same command;
+  4. ``mlflow run . -e evaluate`` on the 10,000 test images;
+plus start-up time of each step's process, peak memory of the train process, and the train
+epoch on a GPU when one is present. Prints a table; writes bench/results.json.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from steps.core.data import load_idx_folder, parse_idx  # noqa: E402
+from steps.core.model import build_model  # noqa: E402
+from steps.core.training import TrainConfig, train  # noqa: E402
+
+WORK = ROOT / "bench" / "work"
+SHARED = ROOT.parent / "shared" / "datasets" / "mnist-t10k"
+EPOCHS = 5
+BATCH = 64
+VENV_BIN = Path(sys.executable).parent
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big")
+                                                          for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def build_dataset() -> tuple[Path, str]:
+    """The tiled 60k/10k IDX set, flat and in torchvision's MNIST/raw layout."""
+    if (SHARED / "t10k-images-idx3-ubyte.gz").is_file():
+        images = parse_idx(gzip.open(SHARED / "t10k-images-idx3-ubyte.gz").read(), "images")
+        labels = parse_idx(gzip.open(SHARED / "t10k-labels-idx1-ubyte.gz").read(), "labels")
+        source = "real MNIST t10k, train = 6 tiles"
+    else:
+        from steps.core.data import load_digits_dataset
+
+        digits = load_digits_dataset()
+        rng = np.random.default_rng(0)
+        pick = rng.integers(0, len(digits.y_train), 10_000)
+        images, labels = digits.x_train[pick], digits.y_train[pick].astype(np.uint8)
+        source = "generated (upscaled scikit-learn digits; ../shared absent)"
+    raw = WORK / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    files = {"train-images-idx3-ubyte": np.tile(images, (6, 1, 1)),
+             "train-labels-idx1-ubyte": np.tile(labels, 6),
+             "t10k-images-idx3-ubyte": images, "t10k-labels-idx1-ubyte": labels}
+    for name, array in files.items():
+        (raw / name).write_bytes(idx_bytes(array))
+    return WORK, source
+
+
+# --------------------------------------------------------------------------- epoch loops
+
+
+def bare_epoch(x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> float:
+    """The floor: same model, batch and optimiser, tensors in memory, nothing else."""
+    torch.manual_seed(0)
+    model = build_model("mlp").to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = x.to(device), y.to(device)
+    started = time.perf_counter()
+    order = torch.randperm(len(y), device=device)
+    for i in range(0, len(y), BATCH):
+        idx = order[i : i + BATCH]
+        opt.zero_grad()
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def seed_style(root: Path, epochs: int) -> dict:
+    """The tutorials' loop: torchvision MNIST + ToTensor per sample, DataLoader, test each epoch."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor()])
+    train_ds = datasets.MNIST(str(root), train=True, download=False, transform=transform)
+    test_ds = datasets.MNIST(str(root), train=False, download=False, transform=transform)
+    train_loader = DataLoader(train_ds, batch_size=BATCH, shuffle=True)
+    test_loader = DataLoader(test_ds, batch_size=BATCH)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128),
+                          nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    epoch_times, started = [], time.perf_counter()
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for xb, yb in train_loader:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+        epoch_times.append(time.perf_counter() - t0)
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for xb, yb in test_loader:
+                correct += (model(xb).argmax(1) == yb).sum().item()
+    return {"total_s": time.perf_counter() - started, "train_epoch_s": min(epoch_times),
+            "test_accuracy": correct / len(test_ds)}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def env(store: Path) -> dict:
+    e = dict(os.environ)
+    e.update(PATH=f"{VENV_BIN}{os.pathsep}{e['PATH']}", PYTHONPATH=str(ROOT),
+             MLFLOW_TRACKING_URI=f"sqlite:///{store / 'mlflow.db'}",
+             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    return e
+
+
+def timed(cmd: list[str], store: Path) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS in MiB and stderr of one child process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env(store), cwd=store, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{stderr[-2000:]}")
+    return wall, usage.ru_maxrss // 1024, stderr
+
+
+def startup_seconds(store: Path, step: str) -> float:
+    """Interpreter start plus the imports the step needs before doing any work."""
+    heavy = {"main": "mlflow", "register": "mlflow"}.get(step, "mlflow, torch")
+    code = f"import steps.{step}, {heavy}"
+    return min(timed([sys.executable, "-c", code], store)[0] for _ in range(2))
+
+
+def main() -> None:
+    started = time.perf_counter()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    data_root, source = build_dataset()
+    store = WORK / "store"
+    store.mkdir()
+    dataset = load_idx_folder(data_root / "MNIST" / "raw", "mnist")
+    x = torch.from_numpy(dataset.x_train).float()
+    y = torch.from_numpy(dataset.y_train)
+    n_train = int(len(y) * 0.9)  # what the train step fits on with val_fraction=0.1
+    print(f"bench: data = {source}; {len(y)} train / {len(dataset.y_test)} test images")
+
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                 "python": platform.python_version(),
+                                 "torch": torch.__version__, "threads": torch.get_num_threads()},
+                     "data": source}
+    bare = min(bare_epoch(x[:n_train], y[:n_train]) for _ in range(2))
+    seed = seed_style(data_root, EPOCHS)
+
+    mlflow = str(VENV_BIN / "mlflow")
+    pipeline = [mlflow, "run", str(ROOT), "--env-manager", "local", "-P", f"epochs={EPOCHS}",
+                "-P", f"data_dir={data_root / 'MNIST' / 'raw'}"]
+    first_wall, _, _ = timed(pipeline, store)
+    cached_wall, _, cached_log = timed(pipeline, store)
+    assert "reused: download_data, train, evaluate, register" in cached_log, cached_log[-2000:]
+    eval_wall, _, _ = timed([mlflow, "run", str(ROOT), "--env-manager", "local", "-e",
+                             "evaluate"], store)
+    eval_step_wall, _, _ = timed([sys.executable, "-m", "steps.evaluate"], store)
+    train_wall, train_rss, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "1"],
+                                     store)
+
+    import mlflow as mlf
+
+    mlf.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    client = mlf.MlflowClient()
+    train_run = client.search_runs(
+        ["0"], "tags.`pipeline.step` = 'train' and params.epochs = '5'")[0]
+    epoch_times = [m.value for m in client.get_metric_history(train_run.info.run_id,
+                                                              "epoch_seconds")]
+    train_epoch = min(epoch_times)
+    eval_run = client.search_runs(["0"], "tags.`pipeline.step` = 'evaluate'",
+                                  order_by=["attributes.start_time ASC"])[0]
+
+    results["epoch"] = {"train_step_s": train_epoch, "bare_loop_s": bare,
+                        "seed_style_s": seed["train_epoch_s"],
+                        "train_vs_bare": train_epoch / bare,
+                        "seed_vs_train": seed["train_epoch_s"] / train_epoch}
+    results["pipeline"] = {"first_main_s": first_wall, "seed_script_5_epochs_s": seed["total_s"],
+                           "first_vs_seed": first_wall / seed["total_s"],
+                           "cached_rerun_s": cached_wall,
+                           "test_accuracy": eval_run.data.metrics["test_accuracy"],
+                           "seed_test_accuracy": seed["test_accuracy"]}
+    results["evaluate"] = {"mlflow_run_evaluate_s": eval_wall,
+                           "evaluate_step_process_s": eval_step_wall}
+    results["startup_s"] = {s: startup_seconds(store, s)
+                            for s in ("main", "download_data", "train", "evaluate", "register")}
+    results["train_process"] = {"epochs": 1, "wall_s": train_wall, "peak_rss_mib": train_rss}
+    if torch.cuda.is_available():
+        xg, yg = x[:n_train], y[:n_train]
+        bare_gpu = min(bare_epoch(xg, yg, "cuda") for _ in range(2))
+        cfg = TrainConfig(epochs=2, device="cuda")
+        result = train(cfg, dataset.x_train[:n_train], dataset.y_train[:n_train],
+                       dataset.x_train[n_train:], dataset.y_train[n_train:])
+        results["gpu"] = {"device": torch.cuda.get_device_name(0), "used": result.device,
+                          "train_epoch_s": min(h.seconds for h in result.history),
+                          "bare_loop_s": bare_gpu}
+    results["goals"] = {
+        "1a train epoch <= 1.3x bare": results["epoch"]["train_vs_bare"] <= 1.3,
+        "1b train epoch >= 5x faster than seed": results["epoch"]["seed_vs_train"] >= 5,
+        "2 first main <= 0.6x seed script": results["pipeline"]["first_vs_seed"] <= 0.6,
+        "3 cached rerun <= 10 s": cached_wall <= 10,
+        "4 mlflow run -e evaluate <= 6 s": eval_wall <= 6,
+    }
+    results["bench_wall_s"] = time.perf_counter() - started
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+
+
+def format_table(r: dict) -> str:
+    e, p, ev = r["epoch"], r["pipeline"], r["evaluate"]
+    m = r["machine"]
+    lines = [
+        f"machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']}",
+        f"data: {r['data']}",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| train step epoch (54k images, batch 64) | {e['train_step_s']:.2f} s |",
+        f"| bare in-memory loop epoch | {e['bare_loop_s']:.2f} s |",
+        f"| seed-style loop epoch (torchvision + ToTensor) | {e['seed_style_s']:.2f} s |",
+        f"| train / bare | {e['train_vs_bare']:.2f}x (goal <= 1.3x) |",
+        f"| seed / train | {e['seed_vs_train']:.1f}x faster (goal >= 5x) |",
+        f"| first `mlflow run .` (60k, 5 epochs, 4 steps) | {p['first_main_s']:.1f} s |",
+        f"| seed-style script, 5 epochs + test each | {p['seed_script_5_epochs_s']:.1f} s |",
+        f"| first main / seed script | {p['first_vs_seed']:.2f}x (goal <= 0.6x) |",
+        f"| cached rerun of `mlflow run .` | {p['cached_rerun_s']:.1f} s (goal <= 10 s) |",
+        f"| `mlflow run . -e evaluate` (10k images, figures) | {ev['mlflow_run_evaluate_s']:.1f} s "
+        "(goal <= 6 s) |",
+        f"| evaluate step process alone | {ev['evaluate_step_process_s']:.1f} s |",
+        f"| test accuracy: pipeline / seed-style | {p['test_accuracy']:.4f} / "
+        f"{p['seed_test_accuracy']:.4f} |",
+        f"| train process peak RSS (60k images) | {r['train_process']['peak_rss_mib']} MiB |",
+    ]
+    lines += [f"| start-up `{s}` (interpreter + imports) | {t:.2f} s |"
+              for s, t in r["startup_s"].items()]
+    if "gpu" in r:
+        g = r["gpu"]
+        lines.append(f"| GPU ({g['device']}, used {g['used']}) train epoch / bare | "
+                     f"{g['train_epoch_s']:.2f} s / {g['bare_loop_s']:.2f} s |")
+    else:
+        lines.append("| GPU | none on this machine |")
+    lines.append("")
+    lines += [f"{'PASS' if ok else 'MISS'}  {goal}" for goal, ok in r["goals"].items()]
+    lines.append(f"bench wall: {r['bench_wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
