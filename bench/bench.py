@@ -54,8 +54,10 @@ def idx_bytes(array: np.ndarray) -> bytes:
 def build_dataset() -> tuple[Path, str]:
     """The tiled 60k/10k IDX set, flat and in torchvision's MNIST/raw layout."""
     if (SHARED / "t10k-images-idx3-ubyte.gz").is_file():
-        images = parse_idx(gzip.open(SHARED / "t10k-images-idx3-ubyte.gz").read(), "images")
-        labels = parse_idx(gzip.open(SHARED / "t10k-labels-idx1-ubyte.gz").read(), "labels")
+        images = parse_idx(gzip.decompress((SHARED / "t10k-images-idx3-ubyte.gz").read_bytes()),
+                           "images")
+        labels = parse_idx(gzip.decompress((SHARED / "t10k-labels-idx1-ubyte.gz").read_bytes()),
+                           "labels")
         source = "real MNIST t10k, train = 6 tiles"
     else:
         from steps.core.data import load_digits_dataset
