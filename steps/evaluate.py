@@ -112,21 +112,31 @@ def cli(model_uri: str, data: str, model_name: str) -> None:
         )
 
 
+def predict_probabilities(model_uri: str, images):
+    """Class probabilities (N, classes) from a classifier (label + probabilities columns) or
+    from a bare network whose pyfunc answers with the probability matrix itself."""
+    import mlflow
+    import numpy as np
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    output = model.predict(np.ascontiguousarray(images, dtype=np.float32))
+    if hasattr(output, "columns") and "probabilities" in output.columns:
+        return np.stack(output["probabilities"].to_numpy()).astype(np.float64)
+    output = np.asarray(output, dtype=np.float64)
+    if output.ndim != 2:
+        raise StepError(f"model_uri={model_uri!r} does not output class probabilities")
+    return output
+
+
 def evaluate_and_log(model_uri: str, dataset):
     import mlflow
     import mlflow.data
-    import numpy as np
-    import torch
 
     from steps.core.data import dataset_digest
     from steps.core.metrics import evaluate_predictions
     from steps.core.plots import confusion_matrix_figure, misclassified_figure
 
-    model = mlflow.pytorch.load_model(model_uri)
-    x = torch.from_numpy(np.ascontiguousarray(dataset.x_test)).to(torch.float32)
-    with torch.no_grad():
-        probabilities = torch.cat([model(x[i : i + 2048]) for i in range(0, len(x), 2048)])
-    probabilities = probabilities.numpy()
+    probabilities = predict_probabilities(model_uri, dataset.x_test)
     evaluation = evaluate_predictions(dataset.y_test, probabilities, len(dataset.classes))
     mlflow.log_metrics(evaluation.scalar_metrics("test_"))
     mlflow.log_input(

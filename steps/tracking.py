@@ -24,6 +24,7 @@ TAG_DATASET = "pipeline.dataset"
 TAG_DATA_URI = "pipeline.data_uri"
 TAG_DATA_DIGEST = "pipeline.data_digest"
 TAG_MODEL_URI = "pipeline.model_uri"
+TAG_NETWORK_URI = "pipeline.network_uri"
 TAG_CACHE_KEY = "pipeline.cache_key"
 TAG_REUSED_RUN = "pipeline.reused_run_id"
 
@@ -39,8 +40,11 @@ class Interrupted(BaseException):
 
 
 def setup_logging() -> None:
-    # MLflow's artifact progress bars flood logs with carriage returns.
+    # Progress bars are for people at a terminal; in CI logs they are carriage-return noise.
+    # TQDM_DISABLE also quiets torchvision's download bar.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
     level = logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # MLflow and its dependencies are chatty at INFO; keep the console for our summary.

@@ -7,15 +7,21 @@ Writes: params (every option, plus the resolved data URI and device);
         ``best_val_accuracy``, ``best_epoch``; figure ``training_curves.png``;
         model ``model`` (``mlflow.pytorch.log_model``, pt2 format, TensorSpec signature:
         raw pixels float32 (-1, 28, 28) -> class probabilities float32 (-1, 10));
+        model ``classifier`` (pyfunc from ``steps/serving.py`` around ``model``: raw images
+        in any common layout -> ``label`` and ``probabilities``; this is what evaluate,
+        register and serving use);
         input ``<dataset>-train`` (context ``training``);
         tags ``pipeline.step``, ``pipeline.data_uri``, ``pipeline.data_digest``,
-        ``pipeline.dataset``, ``pipeline.model_uri``.
+        ``pipeline.dataset``, ``pipeline.model_uri`` (the classifier),
+        ``pipeline.network_uri`` (the pt2 network).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import click
 
@@ -26,6 +32,7 @@ from steps.tracking import (
     TAG_DATA_URI,
     TAG_DATASET,
     TAG_MODEL_URI,
+    TAG_NETWORK_URI,
     StepError,
     latest_finished_run,
     load_data_artifact,
@@ -164,11 +171,32 @@ def fit_and_log(config, dataset, val_fraction: float, on_epoch_end=None):
     # Two examples, not one: torch.export treats a batch of 1 as a fixed size.
     example = np.ascontiguousarray(x_val[:2], dtype=np.float32)
     with torch.no_grad():
-        info = mlflow.pytorch.log_model(
+        network = mlflow.pytorch.log_model(
             Probabilities(result.model), name="model", signature=signature,
             input_example=example, pip_requirements=model_requirements(),
         )
-    return info.model_uri, result
+    classifier = log_classifier(network.model_uri)
+    mlflow.set_tag(TAG_NETWORK_URI, network.model_uri)
+    return classifier.model_uri, result
+
+
+def log_classifier(network_uri: str):
+    """Log the served model: ``steps/serving.py`` (model from code) around the pt2 network."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    signature = ModelSignature(
+        inputs=None,  # see steps/serving.py: several layouts and dtypes are accepted
+        outputs=Schema([ColSpec(DataType.long, "label"),
+                        ColSpec(Array(DataType.float), "probabilities")]),
+    )
+    return mlflow.pyfunc.log_model(
+        name="classifier", python_model=str(Path(__file__).with_name("serving.py")),
+        artifacts={"network": network_uri}, signature=signature,
+        pip_requirements=model_requirements() + [f"pandas=={version('pandas')}"],
+    )
 
 
 def model_requirements() -> list[str]:
@@ -177,8 +205,6 @@ def model_requirements() -> list[str]:
     Given explicitly: MLflow's inference runs the model in a subprocess (about 10 s here)
     and only rediscovers these.
     """
-    from importlib.metadata import version
-
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "numpy")]
 
 

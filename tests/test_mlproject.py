@@ -40,6 +40,9 @@ def test_click_options_match_mlproject(entry_point):
     for name, spec in declared.items():
         param = options[name]
         assert _type_name(param) == spec["type"], name
+        if "default" not in spec:  # required in MLproject, so required in click
+            assert param.required, name
+            continue
         default = param.default
         if isinstance(default, bool):
             default = str(default).lower()

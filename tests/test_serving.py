@@ -1,0 +1,145 @@
+"""The served model: pyfunc in every accepted layout, a real `mlflow models serve`, predict."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import VENV_BIN, run_step, subprocess_env, temporary_store
+from steps.core.data import load_digits_dataset
+from steps.tracking import run_cli
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """A store with one trained, evaluated and registered digits model (in-process, fast)."""
+    root = tmp_path_factory.mktemp("serving")
+    with temporary_store(root) as uri:
+        for step, args in (("download_data", ["--dataset", "digits"]),
+                           ("train", ["--epochs", "2"]), ("evaluate", []), ("register", [])):
+            run_cli(importlib.import_module(f"steps.{step}").cli, args)
+        yield {"root": root, "uri": uri, "model_uri": "models:/mnist-classifier@champion"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_digits_dataset()
+    return ds.x_test[:16], ds.y_test[:16]
+
+
+def test_pyfunc_takes_raw_images_in_every_layout_without_pickle(champion, digits, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model(champion["model_uri"])
+    images, labels = digits
+    reference = model.predict(images)  # uint8 (N, 28, 28)
+    assert list(reference.columns) == ["label", "probabilities"]
+    probabilities = np.stack(reference["probabilities"].to_numpy())
+    assert probabilities.shape == (16, 10)
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert (reference["label"].to_numpy() == probabilities.argmax(1)).all()
+    assert (reference["label"].to_numpy() == labels).mean() >= 0.75
+    for variant in (images.astype(np.float32), images[:, None].astype(np.float64),
+                    images.reshape(16, 784), pd.DataFrame(images.reshape(16, 784)),
+                    images.tolist()):
+        out = model.predict(variant)
+        assert (out["label"].to_numpy() == reference["label"].to_numpy()).all()
+
+
+def test_pyfunc_rejects_wrong_shapes_clearly(champion):
+    model = mlflow.pyfunc.load_model(champion["model_uri"])
+    with pytest.raises(ValueError, match=r"\(N, 28, 28\)"):
+        model.predict(np.zeros((2, 32, 32), np.float32))
+
+
+def test_registered_signature_names_label_and_probabilities(champion):
+    info = mlflow.models.get_model_info(champion["model_uri"])
+    outputs = [c["name"] for c in json.loads(info.signature.to_dict()["outputs"])]
+    assert outputs == ["label", "probabilities"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload: dict):
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_matches_pyfunc(champion, digits):
+    images, _ = digits
+    port = free_port()
+    server = subprocess.Popen(
+        [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "-m", champion["model_uri"],
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=subprocess_env(), cwd=champion["root"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"server did not start: {server.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+        expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images)
+        for payload in ({"inputs": images.tolist()},                  # (N, 28, 28) ints
+                        {"inputs": images[:, None].tolist()},          # (N, 1, 28, 28)
+                        {"instances": images.reshape(16, 784).tolist()}):
+            predictions = post(f"http://127.0.0.1:{port}/invocations", payload)["predictions"]
+            assert [p["label"] for p in predictions] == expected["label"].tolist()
+            served = np.array([p["probabilities"] for p in predictions])
+            assert np.allclose(served, np.stack(expected["probabilities"].to_numpy()),
+                               atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_predict_prints_labels_for_pngs_and_npy(champion, digits, tmp_path):
+    from PIL import Image
+
+    images, _ = digits
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(images[:5]):
+        # Dark digit on white, as people draw them: predict must invert it.
+        Image.fromarray(255 - image).resize((56, 56)).save(folder / f"digit_{i}.png")
+    np.save(tmp_path / "digits.npy", images[:5])
+    expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images[:5])["label"]
+    from_npy = run_step("predict", "--images", str(tmp_path / "digits.npy"))
+    assert from_npy.returncode == 0, from_npy.stderr
+    rows = [line.split("\t") for line in from_npy.stdout.splitlines()]
+    assert [int(r[1]) for r in rows] == expected.tolist()
+    from_png = run_step("predict", "--images", str(folder))
+    assert from_png.returncode == 0, from_png.stderr
+    png_labels = [int(line.split("\t")[1]) for line in from_png.stdout.splitlines()]
+    assert (np.array(png_labels) == expected.to_numpy()).mean() >= 0.8
+
+
+def test_predict_bad_inputs(champion, tmp_path):
+    result = run_step("predict", "--images", str(tmp_path / "missing.png"))
+    assert result.returncode != 0 and "error: images=" in result.stderr
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 5, 5)))
+    result = run_step("predict", "--images", str(bad))
+    assert result.returncode != 0 and "(N, 28, 28)" in result.stderr
+    assert "Traceback" not in result.stderr
