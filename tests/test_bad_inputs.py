@@ -14,8 +14,8 @@ import importlib
 import mlflow
 import pytest
 import torch
-from conftest import assert_clean_failure, mlflow_run, temporary_store, write_idx_folder
 
+from conftest import assert_clean_failure, mlflow_run, temporary_store, write_idx_folder
 from steps.tracking import run_cli
 
 

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_images
 
+from conftest import tiny_images
 from steps.core import metrics, model, plots, training
 
 

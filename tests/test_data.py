@@ -11,8 +11,8 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import idx_bytes, write_idx_folder
 
+from conftest import idx_bytes, write_idx_folder
 from steps.core import data
 from steps.core.data import DataError
 

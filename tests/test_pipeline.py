@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+
 from conftest import mlflow_run, temporary_store
 
 pytestmark = pytest.mark.slow

@@ -98,7 +98,8 @@ def test_mlflow_models_serve_matches_pyfunc(champion, digits):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"server did not start: {server.stderr.read()[-2000:]}")
+                    raise AssertionError(
+                        f"server did not start: {server.stderr.read()[-2000:]}") from None
                 time.sleep(0.5)
         expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images)
         for payload in ({"inputs": images.tolist()},                  # (N, 28, 28) ints

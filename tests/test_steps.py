@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+
 from conftest import PROJECT_DIR, run_step, temporary_store, write_idx_folder
 
 pytestmark = pytest.mark.slow
