@@ -107,8 +107,7 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
             TAG_DATA_URI: data, TAG_DATA_DIGEST: dataset.digest, TAG_DATASET: dataset.name,
             "resolved_device": resolved_device,
         })
-        model_uri, result = fit_and_log(config, dataset, val_fraction)
-        mlflow.set_tag(TAG_MODEL_URI, model_uri)
+        model_uri, result, _ = fit_and_log(config, dataset, val_fraction)
         log.info(
             "train: %s on %s (%d epochs, %s): best val_accuracy %.4f at epoch %d\n"
             "  model: %s\n  %s",
@@ -117,20 +116,18 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
         )
 
 
-def fit_and_log(config, dataset, val_fraction: float, on_epoch_end=None):
-    """Train on ``dataset`` and log per-epoch metrics, curves and the model to the active run.
+def fit_and_log(config, dataset, val_fraction: float, on_epoch_end=None,
+                with_models: bool = True):
+    """Train on ``dataset``, logging per-epoch metrics and curves to the active run.
 
-    Shared with ``tune``, whose trials are runs of their own. Returns (model_uri, result).
+    Shared with ``tune``, whose trials are runs of their own: a trial passes
+    ``on_epoch_end`` (to report and prune) and ``with_models=False`` (only the best trial's
+    model is logged, by :func:`log_models`). Returns (model_uri or None, result, x_val).
     """
     import mlflow
     import mlflow.data
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     from steps.core.data import dataset_digest, split_train_val
-    from steps.core.model import Probabilities
     from steps.core.plots import training_curves_figure
     from steps.core.training import train
 
@@ -164,20 +161,34 @@ def fit_and_log(config, dataset, val_fraction: float, on_epoch_end=None):
     mlflow.log_figure(
         training_curves_figure([vars(h) for h in result.history]), "training_curves.png"
     )
+    model_uri = log_models(result.model, x_val[:2]) if with_models else None
+    return model_uri, result, x_val
+
+
+def log_models(network, example_images) -> str:
+    """Log the pt2 ``model`` and the ``classifier`` around it; return the classifier's URI."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from steps.core.model import Probabilities
+
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
     )
     # Two examples, not one: torch.export treats a batch of 1 as a fixed size.
-    example = np.ascontiguousarray(x_val[:2], dtype=np.float32)
+    example = np.ascontiguousarray(example_images, dtype=np.float32)
     with torch.no_grad():
-        network = mlflow.pytorch.log_model(
-            Probabilities(result.model), name="model", signature=signature,
+        logged = mlflow.pytorch.log_model(
+            Probabilities(network), name="model", signature=signature,
             input_example=example, pip_requirements=model_requirements(),
         )
-    classifier = log_classifier(network.model_uri)
-    mlflow.set_tag(TAG_NETWORK_URI, network.model_uri)
-    return classifier.model_uri, result
+    classifier = log_classifier(logged.model_uri)
+    mlflow.set_tags({TAG_NETWORK_URI: logged.model_uri, TAG_MODEL_URI: classifier.model_uri})
+    return classifier.model_uri
 
 
 def log_classifier(network_uri: str):

@@ -101,3 +101,38 @@ def training_curves_figure(history: list[dict]) -> Figure:
         ax.grid(alpha=0.3)
         ax.set_xticks(epochs)
     return fig
+
+
+def search_history_figure(values: list[float | None], states: list[str]) -> Figure:
+    """Each trial's validation accuracy and the best so far; pruned trials marked."""
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.add_subplot()
+    numbers = list(range(len(values)))
+    done = [(n, v) for n, v, s in zip(numbers, values, states, strict=True)
+            if v is not None and s == "COMPLETE"]
+    pruned = [(n, v) for n, v, s in zip(numbers, values, states, strict=True)
+              if v is not None and s == "PRUNED"]
+    if done:
+        ax.plot(*zip(*done, strict=True), "o", label="complete")
+        best, running = [], -np.inf
+        for _, v in done:
+            running = max(running, v)
+            best.append(running)
+        ax.step([n for n, _ in done], best, where="post", color="tab:red", label="best so far")
+    if pruned:
+        ax.plot(*zip(*pruned, strict=True), "x", color="gray", label="pruned (last report)")
+    ax.set(xlabel="trial", ylabel="validation accuracy", title="Optimization history")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def importance_figure(importances: dict[str, float]) -> Figure:
+    """Horizontal bars: how much each hyperparameter explains of the objective's variance."""
+    fig = Figure(figsize=(7, 0.5 * max(len(importances), 2) + 1.2), layout="constrained")
+    ax = fig.add_subplot()
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance (fANOVA, share of variance)", title="Hyperparameter importance")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
