@@ -35,8 +35,9 @@ class StepError(Exception):
     """A failure the user can act on. Its message is printed as one line, without traceback."""
 
 
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT arrived; unwinds like KeyboardInterrupt so runs are closed as KILLED."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM arrived. A KeyboardInterrupt, so that it unwinds exactly like Ctrl-C: runs are
+    closed KILLED, and MLflow's project runner (inside ``main``) cancels the child step."""
 
 
 def setup_logging() -> None:
@@ -76,11 +77,9 @@ def run_cli(command: click.Command, args: list[str] | None = None,
         code = 2
     except click.ClickException as exc:
         code = _fail(_click_message(exc), exc.exit_code or 2)
-    except click.exceptions.Abort:
-        code = _fail("interrupted", 130)
-    except (Interrupted, KeyboardInterrupt) as exc:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         _close_active_run("KILLED")
-        code = _fail(f"interrupted ({exc or 'SIGINT'}); the run is marked KILLED", 130)
+        code = _fail("interrupted (Ctrl-C or SIGTERM); the run is marked KILLED", 130)
     except StepError as exc:
         _close_active_run("FAILED")
         code = _fail(str(exc), 1)
@@ -127,17 +126,26 @@ def _close_active_run(status: str) -> None:
 
 
 @contextlib.contextmanager
-def step_run(step: str, **tags: str) -> Iterator:
+def step_run(step: str, run_name: str | None = None, nested: bool = False,
+             **tags: str) -> Iterator:
     """Start (or, under ``mlflow run``, resume) this step's run and tag it with its name.
 
-    On error the run is ended FAILED by :func:`run_cli`; on interrupt KILLED; never left
-    RUNNING.
+    The run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C/SIGTERM; never RUNNING.
+    ``nested`` starts a child of the active run (a tuning trial).
     """
     import mlflow
 
-    with mlflow.start_run() as run:
+    run = mlflow.start_run(run_name=run_name, nested=nested)
+    try:
         mlflow.set_tags({TAG_STEP: step, **tags})
         yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def latest_finished_run(client, experiment_id: str, step: str, extra_filter: str = ""):

@@ -4,7 +4,8 @@ Reads:  one download_data run's artifact, fetched (or reused from the step cache
         child run and shared by every trial.
 Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``optimizer``,
         ``arch``, ``hidden``; per-epoch ``train_loss``, ``val_loss``, ``val_accuracy``;
-        ``best_val_accuracy``; tag ``optuna.state`` COMPLETE or PRUNED);
+        ``best_val_accuracy``; tag ``optuna.state`` COMPLETE or PRUNED; a diverging
+        trial's run is FAILED and the sweep goes on);
         on this run: params (every option), metrics ``best_val_accuracy``,
         ``completed_trials``, ``pruned_trials``, params ``best_<name>`` for the winner,
         figures ``optimization_history.png`` and ``param_importances.png``;
@@ -109,34 +110,36 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
                 if trial.should_prune():
                     raise optuna.TrialPruned()
 
-            with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+            with step_run("tune_trial", run_name=f"trial-{trial.number}", nested=True,
+                          **{"optuna.trial": str(trial.number), TAG_DATA_URI: data_uri,
+                             TAG_DATA_DIGEST: data.digest, TAG_DATASET: data.name}) as run:
                 mlflow.log_params({**params, "epochs": epochs, "seed": seed,
                                    "data": data_uri})
-                mlflow.set_tags({"pipeline.step": "tune_trial", "optuna.trial": trial.number,
-                                 TAG_DATA_URI: data_uri, TAG_DATA_DIGEST: data.digest,
-                                 TAG_DATASET: data.name})
                 try:
                     _, result, x_val = fit_and_log(config, data, 0.1, on_epoch_end=report,
                                                    with_models=False)
-                except optuna.TrialPruned:
+                except optuna.TrialPruned as exc:
+                    # A pruned trial did its job: its run ends FINISHED, tagged PRUNED.
                     mlflow.set_tag("optuna.state", "PRUNED")
-                    raise
-                except StepError as exc:  # a diverging trial is a bad point, not a crash
-                    mlflow.set_tag("optuna.state", "FAIL")
-                    raise optuna.TrialPruned(str(exc)) from None
-                mlflow.set_tag("optuna.state", "COMPLETE")
-                if result.best_val_accuracy > best["accuracy"]:
-                    best.update(accuracy=result.best_val_accuracy, model=result.model,
-                                x_val=x_val[:2], run_id=run.info.run_id)
-                return result.best_val_accuracy
+                    pruned = exc
+                else:
+                    pruned = None
+                    mlflow.set_tag("optuna.state", "COMPLETE")
+                    if result.best_val_accuracy > best["accuracy"]:
+                        best.update(accuracy=result.best_val_accuracy, model=result.model,
+                                    x_val=x_val[:2], run_id=run.info.run_id)
+            if pruned is not None:
+                raise pruned
+            return result.best_val_accuracy
 
         study = optuna.create_study(
             direction="maximize", study_name=f"tune-{parent.info.run_id}",
             sampler=optuna.samplers.TPESampler(seed=seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
         )
+        # A diverging trial (StepError) is a FAILED run and a failed trial, not a failed sweep.
         study.optimize(objective, n_trials=trials, timeout=timeout or None,
-                       catch=(), gc_after_trial=False)
+                       catch=(StepError,), gc_after_trial=False)
         if best["run_id"] is None:
             raise StepError("no trial completed (all were pruned or failed); "
                             "widen the search with more epochs or trials")

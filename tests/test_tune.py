@@ -30,11 +30,11 @@ def test_trials_are_nested_runs_with_params_and_metrics(sweep):
     assert len(trials) == 3
     assert [c.data.tags["pipeline.step"] for c in children].count("download_data") == 1
     for trial in trials:
-        assert trial.info.status == "FINISHED"
+        assert trial.info.status == "FINISHED"  # pruned trials too: pruning is not failing
         assert {"learning_rate", "batch_size", "optimizer", "arch", "hidden"} <= set(
             trial.data.params)
         assert trial.data.params["data"] == parent.data.tags["pipeline.data_uri"]
-        assert trial.data.tags["optuna.state"] in ("COMPLETE", "PRUNED", "FAIL")
+        assert trial.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
         assert "val_accuracy" in trial.data.metrics
 
 

@@ -1,0 +1,109 @@
+"""Interrupts: SIGTERM to a step mid-epoch, Ctrl-C (SIGINT to the process group) on
+``mlflow run .`` and on a sweep. Afterwards no run is RUNNING, the exit status is non-zero,
+nothing is registered and no process of the group is left."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from conftest import PROJECT_DIR, VENV_BIN, subprocess_env, temporary_store
+from steps.tracking import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def store(tmp_path):
+    with temporary_store(tmp_path) as uri:
+        yield uri
+
+
+def wait_for_training(timeout: float = 120, step: str = "train") -> None:
+    """Block until some run of ``step`` has logged an epoch, i.e. is mid-training."""
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'"):
+            if "val_accuracy" in run.data.metrics:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"no {step} run reached its first epoch in {timeout}s")
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    # A session of its own, so the test can signal the whole group like a terminal does.
+    return subprocess.Popen(cmd, env=subprocess_env(), cwd=os.getcwd(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def assert_group_gone(pgid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError("processes of the interrupted run were still alive")
+
+
+def assert_nothing_left_behind() -> None:
+    client = mlflow.MlflowClient()
+    running = [r.info.run_id for r in client.search_runs(["0"]) if r.info.status == "RUNNING"]
+    assert running == []
+    assert client.search_model_versions() == []
+
+
+def test_sigterm_to_train_mid_epoch_marks_the_run_killed(store):
+    run_cli(importlib.import_module("steps.download_data").cli, ["--dataset", "digits"])
+    proc = start([sys.executable, "-m", "steps.train", "--epochs", "500", "--batch-size", "4"])
+    wait_for_training()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "error: interrupted" in stderr and "Traceback" not in stderr
+    run = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'train'")[0]
+    assert run.info.status == "KILLED"
+    assert "pipeline.model_uri" not in run.data.tags
+    assert_nothing_left_behind()
+
+
+def test_ctrl_c_on_mlflow_run_kills_the_whole_pipeline(store):
+    proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
+                  "local", "-P", "dataset=digits", "-P", "epochs=500", "-P", "batch_size=4"])
+    wait_for_training()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert_group_gone(proc.pid)
+    assert_nothing_left_behind()
+    statuses = {r.data.tags.get("pipeline.step"): r.info.status
+                for r in mlflow.MlflowClient().search_runs(["0"])}
+    assert statuses["download_data"] == "FINISHED"
+    assert statuses["train"] in ("KILLED", "FAILED") and statuses["main"] in ("KILLED", "FAILED")
+    assert "evaluate" not in statuses and "register" not in statuses
+
+
+def test_ctrl_c_on_a_sweep_leaves_no_trial_running(store):
+    proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
+                  "local", "-e", "tune", "-P", "dataset=digits", "-P", "trials=50",
+                  "-P", "epochs=50"])
+    wait_for_training(step="tune_trial")
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert_group_gone(proc.pid)
+    assert_nothing_left_behind()
+    trials = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'tune_trial'")
+    assert trials and trials[-1].info.status in ("FINISHED", "KILLED")
+    assert "KILLED" in {t.info.status for t in trials}
