@@ -59,8 +59,9 @@ def cli(dataset: str, data_dir: str) -> None:
         for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
             mlflow.log_input(
                 mlflow.data.from_numpy(
-                    x, targets=y, name=f"{dataset}-{split}", source=mlflow.get_artifact_uri("data"),
-                    digest=dataset_digest(x, y),
+                    # No `source`: MLflow cannot resolve artifact URIs of a tracking server
+                    # as dataset sources; the data URI is the run's pipeline.data_uri tag.
+                    x, targets=y, name=f"{dataset}-{split}", digest=dataset_digest(x, y),
                 ),
                 context=split,
             )

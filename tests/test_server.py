@@ -1,0 +1,195 @@
+"""A team's set-up: the pipeline against a real ``mlflow server`` on 127.0.0.1 with proxied
+artifacts, first on sqlite, then on PostgreSQL with two pipelines racing for the alias.
+Also: a relative sqlite URI keeps every child run in the same store as ``main``."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import PROJECT_DIR, VENV_BIN, mlflow_run, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """``mlflow server`` with artifacts proxied into ``root/artifacts``."""
+
+    def __init__(self, backend_uri: str, root: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend_uri,
+                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "2"],
+                env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"mlflow server did not start:\n"
+                                         f"{self.log.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def use_server(tmp_path, monkeypatch):
+    """Point this process and its subprocesses at ``server`` (working dir: tmp_path)."""
+    def point(server: TrackingServer) -> mlflow.MlflowClient:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.chdir(tmp_path / "work")
+        mlflow.set_tracking_uri(server.url)
+        return mlflow.MlflowClient()
+
+    (tmp_path / "work").mkdir()
+    yield point
+    mlflow.set_tracking_uri("")
+
+
+def pipeline_children(client, main_run_id: str) -> list:
+    return client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{main_run_id}'")
+
+
+def test_pipeline_against_a_sqlite_server_with_proxied_artifacts(tmp_path, use_server):
+    server = TrackingServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
+    try:
+        client = use_server(server)
+        result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1")
+        assert result.returncode == 0, result.stderr[-3000:]
+        main = client.search_runs(["0"], "tags.`pipeline.step` = 'main'")[0]
+        children = pipeline_children(client, main.info.run_id)
+        assert {c.data.tags["pipeline.step"] for c in children} == {
+            "download_data", "train", "evaluate", "register"}
+        assert all(c.info.artifact_uri.startswith("mlflow-artifacts:") for c in children)
+        assert client.get_model_version_by_alias("mnist-classifier", "champion")
+        # Nothing went to a local store: every byte went through the server.
+        work = tmp_path / "work"
+        assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()
+        assert list((tmp_path / "artifacts").rglob("dataset.npz"))
+        assert f"{server.url}/#/experiments/0/runs/" in result.stderr
+    finally:
+        server.stop()
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if found:
+        return Path(found[-1]).parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+@pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (run as user postgres when we are root)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's package)")
+    # Not under tmp_path: pytest's base temp dir is private to root, and the cluster runs
+    # as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="mnist-pipeline-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*cmd: str) -> None:
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
+
+    run(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
+        "--auth=trust")
+    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+            "mlflow")
+        # +psycopg2: the pinned driver (SQLAlchemy 2.1 would otherwise look for psycopg 3).
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_pipelines_at_once_on_postgres_leave_the_alias_on_the_better(
+        tmp_path, postgres, use_server):
+    server = TrackingServer(postgres, tmp_path)
+    try:
+        client = use_server(server)
+        env = subprocess_env()
+        cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
+               "local", "-P", "dataset=digits", "-P", "epochs=1"]
+        # Same data, very different learning rates: one model is clearly better.
+        runs = [subprocess.Popen([*cmd, "-P", f"learning_rate={lr}"], env=env,
+                                 cwd=tmp_path / "work", stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+                for lr in ("0.001", "0.00001")]
+        for proc in runs:
+            _, stderr = proc.communicate(timeout=400)
+            assert proc.returncode == 0, stderr[-3000:]
+        versions = client.search_model_versions("name = 'mnist-classifier'")
+        assert sorted(int(v.version) for v in versions) == [1, 2]
+        assert versions[0].tags["model_uri"] != versions[1].tags["model_uri"]
+        best = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+        champion = client.get_model_version_by_alias("mnist-classifier", "champion")
+        assert champion.version == best.version
+        assert len(client.search_runs(["0"], "tags.`pipeline.step` = 'main'")) == 2
+    finally:
+        server.stop()
+
+
+def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, monkeypatch):
+    """``MLFLOW_TRACKING_URI=sqlite:///mlflow.db`` from the project folder, as a user types it
+    (in a copy of the project, so the repository stays clean)."""
+    copy = tmp_path / "project"
+    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_DIR / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, copy / name)
+    monkeypatch.chdir(copy)
+    env = subprocess_env(MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
+    result = subprocess.run(
+        [os.path.join(VENV_BIN, "mlflow"), "run", ".", "--env-manager", "local",
+         "-P", "dataset=digits", "-P", "epochs=1"],
+        env=env, cwd=copy, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stores = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db"))
+    assert stores == [Path("project/mlflow.db")]
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        main = client.search_runs(["0"], "tags.`pipeline.step` = 'main'")[0]
+        assert len(pipeline_children(client, main.info.run_id)) == 4
+    finally:
+        mlflow.set_tracking_uri("")
