@@ -82,6 +82,8 @@ def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> 
     Loops until one read finds the alias already on the best version: whichever pipeline
     writes last, its own final read repairs any stale write that raced with it.
     """
+    from mlflow.exceptions import MlflowException
+
     decision = ""
     for attempt in range(20):
         pool = candidates(client, name, metric)
@@ -99,9 +101,15 @@ def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> 
                     decision = (f"{alias} stays on v{holder.version} ({metric} {holder.score:.4f}); "
                                 f"v{new.version} scored {new.score:.4f}")
             return decision
-        client.set_registered_model_alias(name, alias, str(best.version))
-        before = f"v{holder.version} ({holder.score:.4f})" if holder else "no holder"
-        decision = f"{alias} -> v{best.version} ({metric} {best.score:.4f}), was {before}"
+        try:
+            client.set_registered_model_alias(name, alias, str(best.version))
+        except MlflowException as exc:
+            # Two writers inserting the same alias at once collide on the store's unique
+            # key; the other write landed, so re-read and decide again.
+            log.debug("alias write raced (%s); re-reading", exc)
+        else:
+            before = f"v{holder.version} ({holder.score:.4f})" if holder else "no holder"
+            decision = f"{alias} -> v{best.version} ({metric} {best.score:.4f}), was {before}"
         # Let a racing writer land before re-reading; jitter keeps two racers apart.
         time.sleep(0.2 + random.random() * 0.3 if attempt else 0.05)
     raise StepError(f"could not settle alias {alias} of {name} after 20 attempts")

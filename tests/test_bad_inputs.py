@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import importlib
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +32,16 @@ def store_with_data(tmp_path_factory):
 def _populate(tmp_path):
     run_cli(importlib.import_module("steps.download_data").cli, ["--dataset", "digits"])
     run = mlflow.MlflowClient().search_runs(["0"])[0]
+    # A second artifact whose images were edited after logging: its digest no longer matches.
+    run_cli(importlib.import_module("steps.download_data").cli, ["--dataset", "digits"])
+    tampered = mlflow.MlflowClient().search_runs(
+        ["0"], order_by=["attributes.start_time DESC"])[0]
+    npz = Path(mlflow.get_run(tampered.info.run_id).info.artifact_uri.removeprefix("file://"))
+    npz = npz / "data" / "dataset.npz"
+    with np.load(npz) as arrays:
+        edited = {k: arrays[k].copy() for k in arrays.files}
+    edited["x_train"][0, 14, 14] ^= 0xFF
+    np.savez(npz, **edited)
     missing = write_idx_folder(tmp_path / "missing", n_train=10, n_test=5)
     (missing / "train-labels-idx1-ubyte.gz").unlink()
     truncated = write_idx_folder(tmp_path / "truncated", n_train=10, n_test=5, gz=False)
@@ -39,7 +51,8 @@ def _populate(tmp_path):
     gz = corrupt_gz / "t10k-images-idx3-ubyte.gz"
     gz.write_bytes(gzip.compress(b"\x00\x00\x08\x03garbage")[:-6])
     return {
-        "data_run": run.info.run_id, "missing": str(missing), "truncated": str(truncated),
+        "data_run": run.info.run_id, "tampered_run": tampered.info.run_id,
+        "missing": str(missing), "truncated": str(truncated),
         "corrupt_gz": str(corrupt_gz), "not_a_dir": str(tmp_path / "nope"),
     }
 
@@ -67,6 +80,7 @@ CASES = [
     ("train", ["--seed", "x"], ["seed", "integer"]),
     ("train", ["--data", "runs:/0123456789abcdef0123456789abcdef/data"], ["data=", "cannot be read"]),
     ("train", ["--data", "runs:/{data_run}/data/manifest.json"], ["data=", "not a dataset artifact"]),
+    ("train", ["--data", "runs:/{tampered_run}/data"], ["data=", "digest", "corrupt"]),
     ("train", ["--bogus", "1"], ["unknown option --bogus"]),
     ("evaluate", ["--model-uri", "models:/m-0123456789abcdef"], ["model_uri", "does not name a logged model"]),
     ("evaluate", ["--model-uri", "runs:/0123456789abcdef0123456789abcdef/model"], ["model_uri"]),
