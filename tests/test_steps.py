@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from conftest import PROJECT_DIR, run_step, temporary_store, write_idx_folder
 
@@ -71,22 +72,30 @@ def test_train_logs_metrics_and_a_pt2_model(store):
                   "val_fraction", "device", "data"):
         assert param in run.data.params
     assert "training_curves.png" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    # The network: mlflow.pytorch.log_model, pt2, TensorSpec signature.
+    network = mlflow.models.get_model_info(run.data.tags["pipeline.network_uri"])
+    assert network.name == "model"
+    assert network.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
+    assert network.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 10)
+    assert network.flavors["pytorch"]["model_data"] == "data"
+    # The classifier around it is what the pipeline passes on.
     model_uri = run.data.tags["pipeline.model_uri"]
-    info = mlflow.models.get_model_info(model_uri)
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
-    assert info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 10)
-    assert info.flavors["pytorch"]["model_data"] == "data"
+    classifier = mlflow.models.get_model_info(model_uri)
+    assert classifier.name == "classifier" and "python_function" in classifier.flavors
     store["model_uri"] = model_uri
+    store["network_uri"] = run.data.tags["pipeline.network_uri"]
     store["train_run"] = run
 
 
 def test_logged_model_loads_without_pickle(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    local = Path(mlflow.artifacts.download_artifacts(store["model_uri"]))
+    local = Path(mlflow.artifacts.download_artifacts(store["network_uri"]))
     assert list(local.rglob("model.pt2")), "not saved in the pt2 format"
-    pyfunc = mlflow.pyfunc.load_model(store["model_uri"])
-    probs = pyfunc.predict(np.zeros((3, 28, 28), np.float32))
+    network = mlflow.pytorch.load_model(store["network_uri"])
+    probs = network(torch.zeros(3, 28, 28)).detach().numpy()
     assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    classifier = mlflow.pyfunc.load_model(store["model_uri"])
+    assert classifier.predict(np.zeros((3, 28, 28), np.uint8))["label"].shape == (3,)
 
 
 def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(store):
