@@ -113,3 +113,18 @@ def test_a_failing_step_fails_main_and_registers_nothing(store):
     assert client.get_model_version_by_alias("mnist-classifier", "champion").version == \
         champion_before
     assert not [r for r in client.search_runs(["0"]) if r.info.status == "RUNNING"]
+
+
+def test_a_rerun_after_a_failure_recomputes_the_failed_step(store):
+    client = mlflow.MlflowClient()
+    failed = client.search_runs(["0"], "tags.`pipeline.step` = 'train' and "
+                                "attributes.status = 'FAILED'")
+    assert failed
+    result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1", "-P", "learning_rate=1e6",
+                        "-P", "optimizer=sgd")
+    assert result.returncode != 0
+    children = children_of(main_runs()[0].info.run_id)
+    assert children[0].data.tags["pipeline.reused_step"] == "download_data"
+    retried = children[1]
+    assert retried.data.tags["pipeline.step"] == "train"  # ran again, not reused
+    assert retried.info.run_id not in {r.info.run_id for r in failed}
