@@ -159,7 +159,7 @@ def timed(cmd: list[str], store: Path) -> tuple[float, int, str]:
 
 def startup_seconds(store: Path, step: str) -> float:
     """Interpreter start plus the imports the step needs before doing any work."""
-    heavy = {"main": "mlflow", "register": "mlflow"}.get(step, "mlflow, torch")
+    heavy = "mlflow, torch" if step in ("train", "evaluate") else "mlflow"
     code = f"import steps.{step}, {heavy}"
     return min(timed([sys.executable, "-c", code], store)[0] for _ in range(2))
 

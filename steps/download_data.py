@@ -17,7 +17,8 @@ import tempfile
 
 import click
 
-from steps.core.data import DATASETS, DataError, dataset_digest
+from steps.core.choices import DATASETS
+from steps.core.data import DataError, dataset_digest
 from steps.tracking import (
     TAG_DATA_DIGEST,
     TAG_DATA_URI,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import click
 
+from steps.core.choices import ARCHS, DATASETS, OPTIMIZERS
 from steps.tracking import (
     TAG_CACHE_KEY,
     TAG_DATA_URI,
@@ -46,7 +47,6 @@ from steps.tracking import (
 log = logging.getLogger("steps.main")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-DATASETS = ("mnist", "fashion-mnist", "kmnist", "digits")  # as steps.core.data.DATASETS
 TAG_REUSED_STEP = "pipeline.reused_step"
 
 
@@ -150,9 +150,9 @@ class Pipeline:
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=0.001,
               show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam",
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam",
               show_default=True)
-@click.option("--arch", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True)
+@click.option("--arch", type=click.Choice(ARCHS), default="mlp", show_default=True)
 @click.option("--hidden", default="", help="Two hidden sizes, e.g. '256,128' (empty = default).")
 @click.option("--seed", type=int, default=42, show_default=True)
 @model_name_option

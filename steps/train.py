@@ -25,8 +25,7 @@ from pathlib import Path
 
 import click
 
-from steps.core.model import ARCHS
-from steps.core.training import DEVICES, OPTIMIZERS
+from steps.core.choices import ARCHS, DEVICES, OPTIMIZERS
 from steps.tracking import (
     TAG_DATA_DIGEST,
     TAG_DATA_URI,
@@ -75,7 +74,14 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     """Train ARCH on the data artifact and log the best epoch's model."""
     import mlflow
 
+    from steps.core.training import TrainConfig, resolve_device
+
     with step_run("train") as run:
+        # The cheap check first: no data is fetched for a device that is not there.
+        try:
+            resolved_device = str(resolve_device(device))
+        except ValueError as exc:
+            raise StepError(str(exc)) from None
         client = mlflow.MlflowClient()
         if not data:
             upstream = latest_finished_run(client, run.info.experiment_id, "download_data")
@@ -86,17 +92,10 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                 )
             data = f"runs:/{upstream.info.run_id}/data"
         dataset = load_data_artifact(data)
-
-        from steps.core.training import TrainConfig, resolve_device
-
         hidden_sizes = tuple(int(p) for p in hidden.split(",")) if hidden else None
         config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                              optimizer=optimizer, arch=arch, hidden=hidden_sizes, seed=seed,
                              device=device)
-        try:
-            resolved_device = str(resolve_device(device))
-        except ValueError as exc:
-            raise StepError(str(exc)) from None
         params = {
             "data": data, "epochs": epochs, "learning_rate": learning_rate,
             "batch_size": batch_size, "optimizer": optimizer, "arch": arch, "hidden": hidden,

@@ -25,6 +25,7 @@ import warnings
 
 import click
 
+from steps.core.choices import ARCHS, DATASETS, OPTIMIZERS
 from steps.tracking import (
     TAG_DATA_DIGEST,
     TAG_DATA_URI,
@@ -41,12 +42,9 @@ from steps.tracking import (
 
 log = logging.getLogger("steps.tune")
 
-DATASETS = ("mnist", "fashion-mnist", "kmnist", "digits")
-
-
 def suggest(trial) -> dict:
     """The search space; hidden sizes depend on the architecture."""
-    arch = trial.suggest_categorical("arch", ["mlp", "cnn"])
+    arch = trial.suggest_categorical("arch", list(ARCHS))
     if arch == "mlp":
         first = trial.suggest_categorical("mlp_hidden_1", [64, 128, 256, 512])
         second = trial.suggest_categorical("mlp_hidden_2", [32, 64, 128, 256])
@@ -56,7 +54,7 @@ def suggest(trial) -> dict:
     return {
         "learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True),
         "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
-        "optimizer": trial.suggest_categorical("optimizer", ["adam", "sgd"]),
+        "optimizer": trial.suggest_categorical("optimizer", list(OPTIMIZERS)),
         "arch": arch,
         "hidden": f"{first},{second}",
     }

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +145,22 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *must_mention: str
     for word in must_mention:
         assert word in errors[0], errors[0]
     return errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers; fail with ``describe()`` if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{url} never answered:\n{describe()}") from None
+            time.sleep(0.5)

@@ -8,25 +8,16 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import PROJECT_DIR, VENV_BIN, mlflow_run, subprocess_env
+from conftest import PROJECT_DIR, VENV_BIN, free_port, mlflow_run, subprocess_env, wait_for_http
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TrackingServer:
@@ -43,17 +34,12 @@ class TrackingServer:
                  "--port", str(self.port), "--workers", "2"],
                 env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=log,
                 start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError(f"mlflow server did not start:\n"
-                                         f"{self.log.read_text()[-3000:]}") from None
-                time.sleep(0.5)
+        try:
+            wait_for_http(f"{self.url}/health", self.proc,
+                          lambda: self.log.read_text()[-3000:])
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:

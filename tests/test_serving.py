@@ -6,9 +6,7 @@ import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 import urllib.request
 
 import mlflow
@@ -16,7 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import VENV_BIN, run_step, subprocess_env, temporary_store
+from conftest import (
+    VENV_BIN,
+    free_port,
+    run_step,
+    subprocess_env,
+    temporary_store,
+    wait_for_http,
+)
 from steps.core.data import load_digits_dataset
 from steps.tracking import run_cli
 
@@ -68,12 +73,6 @@ def test_registered_signature_names_label_and_probabilities(champion):
     assert outputs == ["label", "probabilities"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, payload: dict):
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -91,16 +90,8 @@ def test_mlflow_models_serve_matches_pyfunc(champion, digits):
         env=subprocess_env(), cwd=champion["root"], stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"server did not start: {server.stderr.read()[-2000:]}") from None
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server,
+                      lambda: server.stderr.read()[-2000:] if server.poll() is not None else "")
         expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images)
         for payload in ({"inputs": images.tolist()},                  # (N, 28, 28) ints
                         {"inputs": images[:, None].tolist()},          # (N, 1, 28, 28)

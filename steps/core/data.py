@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steps.core.choices import DATASETS
+
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 28
@@ -31,7 +33,6 @@ MANIFEST_FILE = "manifest.json"
 
 # The MNIST family shares one IDX layout; torchvision knows the official mirrors and md5s.
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
-DATASETS = (*TORCHVISION_DATASETS, "digits")
 
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHS = ("mlp", "cnn")
+from steps.core.choices import ARCHS
+
 NUM_CLASSES = 10
 
 # MNIST's pixel statistics. Fixed constants rather than per-dataset ones: the model must

@@ -17,12 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from steps.core.choices import DEVICES, OPTIMIZERS
 from steps.core.model import build_model
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
