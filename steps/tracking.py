@@ -104,6 +104,9 @@ def run_cli(command: click.Command, args: list[str] | None = None,
 
 
 def _click_message(exc: click.ClickException) -> str:
+    if isinstance(exc, click.MissingParameter) and exc.param is not None:
+        what = f" ({exc.param.help})" if getattr(exc.param, "help", None) else ""
+        return f"{exc.param.name} is required{what}"
     if isinstance(exc, click.BadParameter) and exc.param is not None:
         name = exc.param.name
         return f"invalid value for {name}: {exc.message}"

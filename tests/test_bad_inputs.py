@@ -89,6 +89,8 @@ CASES = [
     ("register", ["--metric", "speed"], ["metric", "test_accuracy"]),
     ("register", ["--alias", "bad alias"], ["alias", "letters, digits"]),
     ("register", ["--model-uri", "models:/m-0123456789abcdef"], ["model_uri", "evaluate"]),
+    ("predict", [], ["images is required", "png"]),
+    ("predict", ["--images", "{not_a_dir}"], ["images=", "does not exist"]),
     ("main", ["--dataset", "cifar"], ["dataset", "digits"]),
     ("main", ["--epochs", "-1"], ["epochs", ">=1"]),
     ("main", ["--use-cache", "maybe"], ["use_cache", "boolean"]),
