@@ -134,9 +134,10 @@ class Pipeline:
                 synchronous=True,
             )
         except ExecutionException as exc:
+            after = ("its error is above" if entry_point == "register" else
+                     "later steps were not run and nothing was registered")
             raise StepError(
-                f"step {entry_point} failed ({str(exc).strip().splitlines()[0]}); "
-                "later steps were not run and nothing was registered"
+                f"step {entry_point} failed ({str(exc).strip().splitlines()[0]}); {after}"
             ) from None
         self.client.set_tag(submitted.run_id, TAG_CACHE_KEY, key)
         log.info("main: %s finished in %.1fs", entry_point, time.perf_counter() - started)
