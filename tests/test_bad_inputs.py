@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_failure, mlflow_run, temporary_store, write_idx_folder
+from conftest import (
+    assert_clean_failure,
+    mlflow_run,
+    run_step,
+    temporary_store,
+    write_idx_folder,
+)
 from steps.tracking import run_cli
 
 
@@ -130,3 +137,14 @@ def test_bad_input_through_mlflow_run(tracking_uri, args, words):
     assert_clean_failure(result, *words)
     runs = mlflow.MlflowClient().search_runs(["0"])
     assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_offline_mnist_download_fails_fast_naming_the_alternatives(tracking_uri, tmp_path):
+    started = time.monotonic()
+    result = run_step("download_data", "--dataset", "mnist", timeout=60,
+                      MNIST_PIPELINE_MIRRORS="http://127.0.0.1:9/",  # nothing listens there
+                      MNIST_PIPELINE_CACHE=str(tmp_path / "cache"))
+    assert time.monotonic() - started < 30
+    assert_clean_failure(result, "dataset=digits", "data_dir")
+    run = mlflow.MlflowClient().search_runs(["0"])
+    assert not run or run[0].info.status == "FAILED"

@@ -80,6 +80,17 @@ def test_train_learns_and_returns_the_best_epoch(tiny_split):
     assert not result.model.training
 
 
+def test_progress_bars_only_when_asked(tiny_split, capsys, caplog):
+    config = training.TrainConfig(epochs=2, batch_size=100, device="cpu")
+    training.train(config, *tiny_split, progress=True)
+    bars = capsys.readouterr().err
+    assert "training" in bars and "2/2" in bars and "val_accuracy" in bars
+    caplog.set_level("INFO")
+    training.train(config, *tiny_split, progress=False)
+    assert "\r" not in capsys.readouterr().err
+    assert "epoch 2/2 train_loss=" in caplog.text
+
+
 def test_train_is_reproducible_with_a_seed(tiny_split):
     config = training.TrainConfig(epochs=1, batch_size=64, seed=5, device="cpu", arch="cnn")
     first = training.train(config, *tiny_split).history[0]

@@ -56,6 +56,7 @@ def test_full_pipeline_on_digits(store):
     assert main.data.tags["pipeline.registered_version"] == str(champion.version)
     assert main.data.tags["pipeline.reused_steps"] == "none"
     assert "main: done. test_accuracy" in result.stderr
+    assert "\r" not in result.stderr  # no progress bars when output is not a terminal
 
 
 def test_rerun_reuses_every_step(store):

@@ -124,7 +124,8 @@ def train(
     """Train a fresh ``config.arch`` network and return it with the best epoch's weights.
 
     ``on_epoch_end`` sees each epoch's result (the scripts log it; a tuner may raise there
-    to prune a trial). ``progress`` shows a batch progress bar (for terminals).
+    to prune a trial). ``progress`` shows epoch and batch progress bars instead of a log
+    line per epoch (for terminals).
     """
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -138,7 +139,12 @@ def train(
 
     result = TrainResult(model=model, device=str(device))
     best_state = None
-    for epoch in range(1, config.epochs + 1):
+    epochs = range(1, config.epochs + 1)
+    if progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc="training", unit="epoch", position=0)
+    for epoch in epochs:
         started = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
@@ -146,10 +152,8 @@ def train(
         loss_sum = torch.zeros((), device=device)
         batches = range(0, n, config.batch_size)
         if progress:
-            from tqdm import tqdm
-
             batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                           leave=False)
+                           leave=False, position=1)
         for start in batches:
             idx = order[start : start + config.batch_size]
             xb, yb = xt[idx], yt[idx]
@@ -169,10 +173,13 @@ def train(
             epoch, train_loss, val_loss, val_acc, time.perf_counter() - started
         )
         result.history.append(epoch_result)
-        log.info(
-            "epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.4f (%.1fs)",
-            epoch, config.epochs, train_loss, val_loss, val_acc, epoch_result.seconds,
-        )
+        if progress:
+            epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_accuracy=f"{val_acc:.4f}")
+        else:
+            log.info(
+                "epoch %d/%d train_loss=%.4f val_loss=%.4f val_accuracy=%.4f (%.1fs)",
+                epoch, config.epochs, train_loss, val_loss, val_acc, epoch_result.seconds,
+            )
         if best_state is None or val_acc > result.best_val_accuracy:
             result.best_val_accuracy, result.best_epoch = val_acc, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in
