@@ -128,11 +128,12 @@ def search_history_figure(values: list[float | None], states: list[str]) -> Figu
 
 
 def importance_figure(importances: dict[str, float]) -> Figure:
-    """Horizontal bars: how much each hyperparameter explains of the objective's variance."""
+    """Horizontal bars: each hyperparameter's share of importance, as Optuna rates it."""
     fig = Figure(figsize=(7, 0.5 * max(len(importances), 2) + 1.2), layout="constrained")
     ax = fig.add_subplot()
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
-    ax.set(xlabel="importance (fANOVA, share of variance)", title="Hyperparameter importance")
+    ax.set(xlabel="importance (Optuna's default evaluator; the bars sum to 1)",
+           title="Hyperparameter importance")
     ax.grid(axis="x", alpha=0.3)
     return fig
