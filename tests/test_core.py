@@ -156,6 +156,13 @@ def test_figures_render():
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.7},
                {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.8}]
     assert _png(plots.training_curves_figure(history))[:4] == b"\x89PNG"
+    sweep = plots.search_history_figure([0.8, None, 0.9, 0.3], ["COMPLETE", "FAIL", "COMPLETE",
+                                                                "PRUNED"])
+    assert [line.get_label() for line in sweep.axes[0].lines] == [
+        "complete", "best so far", "pruned (last report)"]
+    importance = plots.importance_figure({"learning_rate": 0.7, "arch": 0.3})
+    assert [t.get_text() for t in importance.axes[0].get_yticklabels()] == ["arch",
+                                                                            "learning_rate"]
 
 
 def test_core_imports_neither_mlflow_nor_click():
