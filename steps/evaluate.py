@@ -26,6 +26,7 @@ from steps.tracking import (
     TAG_DATA_URI,
     TAG_DATASET,
     TAG_MODEL_URI,
+    TAG_TRAIN_RUN,
     StepError,
     latest_finished_run,
     load_data_artifact,
@@ -37,8 +38,6 @@ from steps.tracking import (
 )
 
 log = logging.getLogger("steps.evaluate")
-
-TAG_TRAIN_RUN = "pipeline.train_run_id"
 
 
 def resolve_model(client, experiment_id: str, model_uri: str, model_name: str):

@@ -35,6 +35,7 @@ from steps.tracking import (
     TAG_MODEL_URI,
     TAG_REUSED_RUN,
     TAG_STEP,
+    TAG_TRAIN_RUN,
     StepError,
     log_params_once,
     model_name_option,
@@ -192,7 +193,7 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
         version = register_run.data.tags.get("pipeline.registered_version", "")
         mlflow.set_tags({
             "pipeline.download_data_run_id": data_run.info.run_id,
-            "pipeline.train_run_id": train_run.info.run_id,
+            TAG_TRAIN_RUN: train_run.info.run_id,
             "pipeline.evaluate_run_id": eval_run.info.run_id,
             "pipeline.register_run_id": register_run.info.run_id,
             "pipeline.reused_steps": ",".join(pipeline.reused) or "none",

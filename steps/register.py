@@ -27,6 +27,7 @@ from steps.tracking import (
     TAG_DATA_DIGEST,
     TAG_DATASET,
     TAG_MODEL_URI,
+    TAG_TRAIN_RUN,
     StepError,
     latest_finished_run,
     log_params_once,
@@ -202,7 +203,7 @@ def register_version(client, name: str, model_uri: str, evaluation):
         "model_uri": model_uri,
         "data_digest": evaluation.data.tags[TAG_DATA_DIGEST],
         "dataset": evaluation.data.tags.get(TAG_DATASET, ""),
-        "train_run_id": evaluation.data.tags.get("pipeline.train_run_id", ""),
+        "train_run_id": evaluation.data.tags.get(TAG_TRAIN_RUN, ""),
         "evaluate_run_id": evaluation.info.run_id,
         **{m: f"{evaluation.data.metrics[m]:.6f}" for m in COPIED_METRICS
            if m in evaluation.data.metrics},

@@ -25,6 +25,7 @@ TAG_DATA_URI = "pipeline.data_uri"
 TAG_DATA_DIGEST = "pipeline.data_digest"
 TAG_MODEL_URI = "pipeline.model_uri"
 TAG_NETWORK_URI = "pipeline.network_uri"
+TAG_TRAIN_RUN = "pipeline.train_run_id"
 TAG_CACHE_KEY = "pipeline.cache_key"
 TAG_REUSED_RUN = "pipeline.reused_run_id"
 
