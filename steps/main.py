@@ -212,12 +212,24 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
 
 
 def absolutize_tracking_uri() -> None:
-    """Make a relative sqlite/file store absolute so every child writes to the same place."""
+    """Make a relative sqlite store absolute so every child writes to the same place.
+
+    ``mlflow run`` resolves a relative URI in the caller's folder but starts this process in
+    the project folder. From the project folder the two agree; from elsewhere this run's own
+    record is in another file, which is said here instead of creating an empty store.
+    """
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        path = os.path.abspath(uri[len("sqlite:///"):])
+        if os.environ.get("MLFLOW_RUN_ID") and not os.path.exists(path):
+            raise StepError(
+                f"MLFLOW_TRACKING_URI={uri} is relative and `mlflow run` was started outside "
+                f"the project folder ({os.getcwd()}); use an absolute URI such as "
+                "sqlite:////full/path/mlflow.db, or run from the project folder"
+            )
+        uri = "sqlite:///" + path
         os.environ["MLFLOW_TRACKING_URI"] = uri
         mlflow.set_tracking_uri(uri)
 

@@ -153,9 +153,9 @@ def test_two_pipelines_at_once_on_postgres_leave_the_alias_on_the_better(
         server.stop()
 
 
-def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, monkeypatch):
-    """``MLFLOW_TRACKING_URI=sqlite:///mlflow.db`` from the project folder, as a user types it
-    (in a copy of the project, so the repository stays clean)."""
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """The tracked files of this project in a temp folder, so runs there leave the repo clean."""
     copy = tmp_path / "project"
     files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -163,6 +163,14 @@ def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, monkeypatc
         if (PROJECT_DIR / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_DIR / name, copy / name)
+    return copy
+
+
+def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, project_copy,
+                                                            monkeypatch):
+    """``MLFLOW_TRACKING_URI=sqlite:///mlflow.db`` from the project folder, as a user types it
+    (in a copy of the project, so the repository stays clean)."""
+    copy = project_copy
     monkeypatch.chdir(copy)
     env = subprocess_env(MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
     result = subprocess.run(
@@ -177,5 +185,25 @@ def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, monkeypatc
         client = mlflow.MlflowClient()
         main = client.search_runs(["0"], "tags.`pipeline.step` = 'main'")[0]
         assert len(pipeline_children(client, main.info.run_id)) == 4
+    finally:
+        mlflow.set_tracking_uri("")
+
+
+def test_a_relative_sqlite_uri_from_another_folder_fails_clearly(tmp_path, project_copy):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [os.path.join(VENV_BIN, "mlflow"), "run", str(project_copy), "--env-manager", "local",
+         "-P", "dataset=digits"],
+        env=subprocess_env(MLFLOW_TRACKING_URI="sqlite:///mlflow.db"), cwd=elsewhere,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "error: MLFLOW_TRACKING_URI=sqlite:///mlflow.db is relative" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project_copy / "mlflow.db").exists()  # no stray empty store
+    mlflow.set_tracking_uri(f"sqlite:///{elsewhere / 'mlflow.db'}")
+    try:
+        runs = mlflow.MlflowClient().search_runs(["0"])
+        assert [r.info.status for r in runs] == ["FAILED"]  # the main run, closed
     finally:
         mlflow.set_tracking_uri("")
