@@ -34,7 +34,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from steps.core.data import load_idx_folder, parse_idx  # noqa: E402
+from steps.core.data import encode_idx, load_idx_folder, parse_idx  # noqa: E402
 from steps.core.model import build_model  # noqa: E402
 from steps.core.training import TrainConfig, train  # noqa: E402
 
@@ -43,12 +43,6 @@ SHARED = ROOT.parent / "shared" / "datasets" / "mnist-t10k"
 EPOCHS = 5
 BATCH = 64
 VENV_BIN = Path(sys.executable).parent
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big")
-                                                          for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 def build_dataset() -> tuple[Path, str]:
@@ -73,7 +67,7 @@ def build_dataset() -> tuple[Path, str]:
              "train-labels-idx1-ubyte": np.tile(labels, 6),
              "t10k-images-idx3-ubyte": images, "t10k-labels-idx1-ubyte": labels}
     for name, array in files.items():
-        (raw / name).write_bytes(idx_bytes(array))
+        (raw / name).write_bytes(encode_idx(array))
     return WORK, source
 
 

@@ -156,10 +156,11 @@ def find_evaluation(client, experiment_id: str, model_uri: str):
         evaluation = latest_finished_run(client, experiment_id, "evaluate", extra)
         if evaluation is None and not model_uri.startswith("models:/m-"):
             # Accept any spelling of the model (runs:/..., name/version): resolve its id.
+            import mlflow
             from mlflow.exceptions import MlflowException
 
             try:
-                info = mlflow_model_info(model_uri)
+                info = mlflow.models.get_model_info(model_uri)
             except (MlflowException, OSError):
                 raise StepError(f"model_uri={model_uri!r} does not name a logged model") from None
             if info.model_id:
@@ -175,12 +176,6 @@ def find_evaluation(client, experiment_id: str, model_uri: str):
             "registered)"
         )
     return evaluation
-
-
-def mlflow_model_info(model_uri: str):
-    import mlflow
-
-    return mlflow.models.get_model_info(model_uri)
 
 
 def register_version(client, name: str, model_uri: str, evaluation):

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from steps.core.data import encode_idx
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -85,14 +87,6 @@ def mlflow_run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedP
     )
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array in the IDX format MNIST uses."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
 def tiny_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Learnable 28x28 digits: scikit-learn's 8x8 digits upscaled, labels 0-9."""
     from steps.core.data import load_digits_dataset
@@ -115,7 +109,7 @@ def write_idx_folder(folder: Path, n_train: int = 200, n_test: int = 50, gz: boo
         "t10k-images-idx3-ubyte": x_test, "t10k-labels-idx1-ubyte": y_test,
     }
     for name, array in files.items():
-        raw = idx_bytes(array.astype(np.uint8))
+        raw = encode_idx(array.astype(np.uint8))
         if gz:
             (target / f"{name}.gz").write_bytes(gzip.compress(raw))
         else:

@@ -12,24 +12,24 @@ from functools import partial
 import numpy as np
 import pytest
 
-from conftest import idx_bytes, write_idx_folder
+from conftest import write_idx_folder
 from steps.core import data
-from steps.core.data import DataError
+from steps.core.data import DataError, encode_idx
 
 
 def test_parse_idx_round_trip():
     images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
-    assert np.array_equal(data.parse_idx(idx_bytes(images), "x"), images)
+    assert np.array_equal(data.parse_idx(encode_idx(images), "x"), images)
     labels = np.array([3, 1, 4], dtype=np.uint8)
-    assert np.array_equal(data.parse_idx(idx_bytes(labels), "y"), labels)
+    assert np.array_equal(data.parse_idx(encode_idx(labels), "y"), labels)
 
 
 @pytest.mark.parametrize("raw, message", [
     (b"\x01\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc", "bad magic"),
     (b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc", "unsupported IDX type"),
     (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
-    (idx_bytes(np.zeros(10, np.uint8))[:-3], "truncated or corrupt"),
-    (idx_bytes(np.zeros(10, np.uint8)) + b"x", "truncated or corrupt"),
+    (encode_idx(np.zeros(10, np.uint8))[:-3], "truncated or corrupt"),
+    (encode_idx(np.zeros(10, np.uint8)) + b"x", "truncated or corrupt"),
 ])
 def test_parse_idx_rejects_corrupt_files(raw, message):
     with pytest.raises(DataError, match=message):
@@ -64,7 +64,7 @@ def test_load_idx_folder_rejects_truncated_gzip(tmp_path):
 def test_load_idx_folder_rejects_label_count_mismatch(tmp_path):
     folder = write_idx_folder(tmp_path, n_train=5, n_test=5)
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(idx_bytes(np.zeros(4, np.uint8))))
+        gzip.compress(encode_idx(np.zeros(4, np.uint8))))
     with pytest.raises(DataError, match="5 images but 4 labels"):
         data.load_idx_folder(folder, "mnist")
 

@@ -19,6 +19,7 @@ import socket
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ class Dataset:
     y_test: np.ndarray
     classes: tuple[str, ...]
 
-    @property
+    @cached_property  # the arrays are not modified after loading; hash them once
     def digest(self) -> str:
         return dataset_digest(self.x_train, self.y_train, self.x_test, self.y_test)
 
@@ -117,6 +118,14 @@ def parse_idx(raw: bytes, source: str) -> np.ndarray:
             f"({len(raw)} bytes, header says {expected})"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """The inverse of :func:`parse_idx`: a uint8 array in the IDX format MNIST uses."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 def _read_maybe_gz(path: Path) -> bytes:
