@@ -30,6 +30,7 @@ from steps.tracking import (
     StepError,
     latest_finished_run,
     load_data_artifact,
+    load_pyfunc,
     log_params_once,
     model_name_option,
     run_cli,
@@ -114,10 +115,9 @@ def cli(model_uri: str, data: str, model_name: str) -> None:
 def predict_probabilities(model_uri: str, images):
     """Class probabilities (N, classes) from a classifier (label + probabilities columns) or
     from a bare network whose pyfunc answers with the probability matrix itself."""
-    import mlflow
     import numpy as np
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = load_pyfunc(model_uri)
     output = model.predict(np.ascontiguousarray(images, dtype=np.float32))
     if hasattr(output, "columns") and "probabilities" in output.columns:
         return np.stack(output["probabilities"].to_numpy()).astype(np.float64)

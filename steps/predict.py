@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from steps.tracking import StepError, run_cli
+from steps.tracking import StepError, load_pyfunc, run_cli
 
 log = logging.getLogger("steps.predict")
 
@@ -58,13 +58,12 @@ def read_png(path: Path):
 @click.option("--images", required=True, help="A PNG, a folder of PNGs, or an .npy array.")
 def cli(model_uri: str, images: str) -> None:
     """Print the predicted label and confidence for each image."""
-    import mlflow
     import numpy as np
     from mlflow.exceptions import MlflowException
 
     names, pixels = load_images(images)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = load_pyfunc(model_uri)
     except (MlflowException, OSError) as exc:
         raise StepError(
             f"model_uri={model_uri!r} cannot be loaded ({str(exc).splitlines()[0]}); run the "

@@ -1,8 +1,9 @@
 """The served model: raw digit images in, predicted label and class probabilities out.
 
-Logged by ``train`` as an MLflow "model from code" (this file is copied into the model; no
-pickle anywhere) around the pt2 network that ``mlflow.pytorch.log_model`` saved. It accepts
-what people actually send:
+Logged by ``train`` as an MLflow "model from code": this file, ``model.py`` (the network
+definitions, via ``code_paths``) and the best epoch's weights, loaded with
+``torch.load(weights_only=True)``: no pickled objects anywhere. It accepts what people
+actually send:
 
 - uint8 or float pixels 0-255, shape (N, 28, 28), (N, 1, 28, 28) or (N, 784);
 - a numpy array, a nested list, or a DataFrame with 784 pixel columns.
@@ -10,8 +11,8 @@ what people actually send:
 Normalisation is inside the network, so no client-side preprocessing. The input has no
 tensor schema on purpose: MLflow would enforce one fixed rank and dtype.
 
-Self-contained (numpy, pandas, torch, mlflow): it runs inside ``mlflow models serve``,
-where this project's packages are not importable.
+Needs only numpy, pandas, torch, mlflow and the copied ``model.py``: it runs inside
+``mlflow models serve``, where this project's packages are not importable.
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ def to_images(model_input) -> np.ndarray:
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import mlflow.pytorch
+        import json
+        from pathlib import Path
 
-        self.network = mlflow.pytorch.load_model(context.artifacts["network"])
+        import torch
+        from model import Probabilities, build_model  # steps/core/model.py, via code_paths
+
+        spec = json.loads(Path(context.artifacts["architecture"]).read_text())
+        network = build_model(spec["arch"], tuple(spec["hidden"]) or None)
+        network.load_state_dict(torch.load(context.artifacts["weights"], weights_only=True))
+        self.network = Probabilities(network).eval()
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         import torch

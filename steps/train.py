@@ -7,9 +7,9 @@ Writes: params (every option, plus the resolved data URI and device);
         ``best_val_accuracy``, ``best_epoch``; figure ``training_curves.png``;
         model ``model`` (``mlflow.pytorch.log_model``, pt2 format, TensorSpec signature:
         raw pixels float32 (-1, 28, 28) -> class probabilities float32 (-1, 10));
-        model ``classifier`` (pyfunc from ``steps/serving.py`` around ``model``: raw images
-        in any common layout -> ``label`` and ``probabilities``; this is what evaluate,
-        register and serving use);
+        model ``classifier`` (pyfunc from ``steps/serving.py`` with the same weights and
+        ``steps/core/model.py``: raw images in any common layout -> ``label`` and
+        ``probabilities``; this is what evaluate, register and serving use);
         input ``<dataset>-train`` (context ``training``);
         tags ``pipeline.step``, ``pipeline.data_uri``, ``pipeline.data_digest``,
         ``pipeline.dataset``, ``pipeline.model_uri`` (the classifier),
@@ -42,7 +42,6 @@ from steps.tracking import (
 )
 
 log = logging.getLogger("steps.train")
-
 
 
 def parse_hidden(_ctx, _param, value: str) -> str:
@@ -160,12 +159,13 @@ def fit_and_log(config, dataset, val_fraction: float, on_epoch_end=None,
     mlflow.log_figure(
         training_curves_figure([vars(h) for h in result.history]), "training_curves.png"
     )
-    model_uri = log_models(result.model, x_val[:2]) if with_models else None
+    model_uri = (log_models(result.model, config.arch, config.hidden, x_val[:2])
+                 if with_models else None)
     return model_uri, result, x_val
 
 
-def log_models(network, example_images) -> str:
-    """Log the pt2 ``model`` and the ``classifier`` around it; return the classifier's URI."""
+def log_models(network, arch: str, hidden, example_images) -> str:
+    """Log the pt2 ``model`` and the ``classifier``; return the classifier's URI."""
     import mlflow
     import numpy as np
     import torch
@@ -185,28 +185,44 @@ def log_models(network, example_images) -> str:
             Probabilities(network), name="model", signature=signature,
             input_example=example, pip_requirements=model_requirements(),
         )
-    classifier = log_classifier(logged.model_uri)
+    classifier = log_classifier(network, arch, hidden)
     mlflow.set_tags({TAG_NETWORK_URI: logged.model_uri, TAG_MODEL_URI: classifier.model_uri})
     return classifier.model_uri
 
 
-def log_classifier(network_uri: str):
-    """Log the served model: ``steps/serving.py`` (model from code) around the pt2 network."""
+def log_classifier(network, arch: str, hidden):
+    """Log the served model: ``steps/serving.py`` (model from code) rebuilding ``network``
+    from its weights and ``steps/core/model.py``.
+
+    Weights, not the pt2 program: loading a pt2 archive imports torch._dynamo (about 2 s),
+    which every evaluation and every server start would pay.
+    """
+    import json
+    import tempfile
+
     import mlflow
+    import torch
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
+
+    from steps.core import model
 
     signature = ModelSignature(
         inputs=None,  # see steps/serving.py: several layouts and dtypes are accepted
         outputs=Schema([ColSpec(DataType.long, "label"),
                         ColSpec(Array(DataType.float), "probabilities")]),
     )
-    return mlflow.pyfunc.log_model(
-        name="classifier", python_model=str(Path(__file__).with_name("serving.py")),
-        artifacts={"network": network_uri}, signature=signature,
-        pip_requirements=model_requirements() + [f"pandas=={version('pandas')}"],
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, architecture = Path(tmp, "weights.pt"), Path(tmp, "architecture.json")
+        torch.save(network.state_dict(), weights)
+        architecture.write_text(json.dumps({"arch": arch, "hidden": list(hidden or [])}))
+        return mlflow.pyfunc.log_model(
+            name="classifier", python_model=str(Path(__file__).with_name("serving.py")),
+            artifacts={"weights": str(weights), "architecture": str(architecture)},
+            code_paths=[model.__file__], signature=signature,
+            pip_requirements=model_requirements() + [f"pandas=={version('pandas')}"],
+        )
 
 
 def model_requirements() -> list[str]:

@@ -93,7 +93,7 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
         data_uri = data_run.data.tags[TAG_DATA_URI]
         data = load_data_artifact(data_uri)
         mlflow.set_tag(TAG_DATA_URI, data_uri)
-        best = {"accuracy": -1.0, "model": None, "x_val": None, "run_id": None}
+        best = {"accuracy": -1.0, "model": None, "config": None, "x_val": None, "run_id": None}
 
         def objective(trial) -> float:
             params = suggest(trial)
@@ -125,7 +125,7 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
                     mlflow.set_tag("optuna.state", "COMPLETE")
                     if result.best_val_accuracy > best["accuracy"]:
                         best.update(accuracy=result.best_val_accuracy, model=result.model,
-                                    x_val=x_val[:2], run_id=run.info.run_id)
+                                    config=config, x_val=x_val[:2], run_id=run.info.run_id)
             if pruned is not None:
                 raise pruned
             return result.best_val_accuracy
@@ -142,7 +142,8 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
             raise StepError("no trial completed (all were pruned or failed); "
                             "widen the search with more epochs or trials")
         with mlflow.start_run(run_id=best["run_id"], nested=True):
-            model_uri = log_models(best["model"], best["x_val"])
+            model_uri = log_models(best["model"], best["config"].arch, best["config"].hidden,
+                                   best["x_val"])
         states = [t.state.name for t in study.trials]
         mlflow.log_metrics({"best_val_accuracy": study.best_value,
                             "completed_trials": states.count("COMPLETE"),

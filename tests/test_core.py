@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_images
-from steps.core import metrics, model, plots, training
+from steps.core import choices, metrics, model, plots, training
 
 
-@pytest.mark.parametrize("arch", model.ARCHS)
+@pytest.mark.parametrize("arch", choices.ARCHS)
 @pytest.mark.parametrize("shape", [(3, 28, 28), (3, 1, 28, 28)])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_models_take_raw_pixels_in_every_layout(arch, shape, dtype):
@@ -181,3 +181,26 @@ def test_core_imports_neither_mlflow_nor_click():
         assert not imported & {"mlflow", "click"}, path
     assert "torch" in seen["model.py"]  # the walk does see imports
     assert seen["choices.py"] == set()  # main and register import it without torch
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_fused_optimizers_take_the_same_steps_as_the_reference(name):
+    """The fused kernels are a speed-up, not another update rule."""
+    def run(fused: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        net = model.build_model("mlp", (16, 8))
+        if fused:
+            optimizer = training.make_optimizer(name, net.parameters(), 1e-2, torch.device("cpu"))
+            assert optimizer.defaults["fused"]
+        elif name == "adam":
+            optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+        else:
+            optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+        x, y = torch.rand(32, 28, 28) * 255, torch.randint(0, 10, (32,))
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    torch.testing.assert_close(run(fused=True), run(fused=False), atol=1e-5, rtol=1e-4)

@@ -6,6 +6,9 @@ so the chain itself is under test and each step runs once.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -96,6 +99,30 @@ def test_logged_model_loads_without_pickle(store, monkeypatch):
     assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     classifier = mlflow.pyfunc.load_model(store["model_uri"])
     assert classifier.predict(np.zeros((3, 28, 28), np.uint8))["label"].shape == (3,)
+
+
+def test_classifier_is_the_same_network_rebuilt_from_its_weights(store):
+    """The served model carries weights and model.py, not the pt2 program, and answers
+    exactly like the pt2 network."""
+    local = Path(mlflow.artifacts.download_artifacts(store["model_uri"]))
+    assert (local / "code" / "model.py").is_file()
+    assert not list(local.rglob("*.pt2"))
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.float32)
+    served = mlflow.pyfunc.load_model(store["model_uri"]).predict(images)
+    network = mlflow.pytorch.load_model(store["network_uri"])
+    expected = network(torch.from_numpy(images)).detach().numpy()
+    np.testing.assert_allclose(np.stack(served["probabilities"]), expected, atol=1e-6)
+
+
+def test_classifier_loads_without_torch_dynamo(store):
+    """Loading a pt2 archive imports torch._dynamo (~2 s); evaluate and serving must not."""
+    code = ("import sys, mlflow, numpy as np; "
+            f"m = mlflow.pyfunc.load_model({store['model_uri']!r}); "
+            "m.predict(np.zeros((2, 28, 28))); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "MLFLOW_TRACKING_URI": store["uri"]})
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
 
 
 def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(store):

@@ -2,14 +2,15 @@
 
 Every network takes raw pixels (0-255, float or uint8, shape (N, 28, 28) or (N, 1, 28, 28))
 and normalises inside ``forward``, so a logged model needs no client-side preprocessing.
+
+This file imports nothing but torch: ``train`` copies it into the logged classifier
+(``code_paths``), where it rebuilds the network from its weights without this project.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from steps.core.choices import ARCHS
 
 NUM_CLASSES = 10
 
@@ -89,4 +90,4 @@ def build_model(arch: str, hidden: tuple[int, int] | None = None) -> nn.Module:
         return MLP(hidden or (256, 128))
     if arch == "cnn":
         return CNN(hidden or (16, 32))
-    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    raise ValueError(f"unknown arch {arch!r}; choose mlp or cnn")

@@ -81,11 +81,14 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    # The fused kernels update every parameter in one call instead of a Python loop of
+    # small ops: about a third of a CPU epoch at batch 64 (see `make bench`).
+    fused = device.type in ("cpu", "cuda")
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=fused)
     # Plain SGD at the same lr as Adam barely moves; momentum makes the two comparable.
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=fused)
 
 
 def to_device_tensors(
@@ -130,7 +133,8 @@ def train(
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     model = build_model(config.arch, config.hidden).to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
+                               device)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = to_device_tensors(x_train, y_train, device)
     xv, yv = to_device_tensors(x_val, y_val, device)
