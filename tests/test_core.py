@@ -180,6 +180,8 @@ def test_core_imports_neither_mlflow_nor_click():
         seen[path.name] = imported
         assert not imported & {"mlflow", "click"}, path
     assert "torch" in seen["model.py"]  # the walk does see imports
+    # The logged classifier carries model.py alone (code_paths): no import of this project.
+    assert seen["model.py"] == {"__future__", "torch"}
     assert seen["choices.py"] == set()  # main and register import it without torch
 
 
