@@ -12,7 +12,7 @@ TRACKING  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI := $(TRACKING)
 
-.PHONY: setup run test test-fast lint ui serve bench tune clean
+.PHONY: setup run test test-fast lint ui serve bench tune clean conda-env
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check steps tests bench
+	$(BIN)/ruff check steps tests bench tools
 
 ui: setup  ## MLflow UI on the same store
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT)
@@ -45,6 +45,9 @@ tune: setup  ## hyperparameter sweep; extra params: make tune ARGS='-P trials=10
 
 bench: setup  ## speed benchmark; writes bench/results.json
 	$(BIN)/python bench/bench.py
+
+conda-env:  ## rewrite conda.yaml from requirements.txt after a pin changes
+	$(PYTHON) tools/conda_env.py
 
 clean:
 	rm -rf mlruns mlartifacts mlflow.db .pytest_cache

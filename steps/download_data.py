@@ -17,26 +17,17 @@ import tempfile
 
 import click
 
-from steps.core.choices import DATASETS
+from steps import options, tags
+from steps.cli import StepError, run_cli
 from steps.core.data import DataError, dataset_digest
-from steps.tracking import (
-    TAG_DATA_DIGEST,
-    TAG_DATA_URI,
-    TAG_DATASET,
-    StepError,
-    log_params_once,
-    run_cli,
-    run_link,
-    step_run,
-)
+from steps.runs import log_cli_params, run_link, step_run
 
 log = logging.getLogger("steps.download_data")
 
 
 @click.command()
-@click.option("--dataset", type=click.Choice(DATASETS), default="mnist", show_default=True,
-              help="Which dataset; 'digits' ships with scikit-learn and works offline.")
-@click.option("--data-dir", default="", help="Folder holding the IDX files (skips download).")
+@options.DATASET()
+@options.DATA_DIR()
 def cli(dataset: str, data_dir: str) -> None:
     """Fetch DATASET (or read DATA_DIR) and log it as the run artifact ``data/``."""
     import mlflow
@@ -44,8 +35,8 @@ def cli(dataset: str, data_dir: str) -> None:
 
     from steps.core.data import load_dataset, save_dataset
 
-    with step_run("download_data", **{TAG_DATASET: dataset}) as run:
-        log_params_once({"dataset": dataset, "data_dir": data_dir})
+    with step_run("download_data", **{tags.DATASET: dataset}) as run:
+        log_cli_params()
         try:
             ds = load_dataset(dataset, data_dir)
         except DataError as exc:
@@ -67,7 +58,7 @@ def cli(dataset: str, data_dir: str) -> None:
                 context=split,
             )
         mlflow.log_metrics({"train_size": len(ds.y_train), "test_size": len(ds.y_test)})
-        mlflow.set_tags({TAG_DATA_URI: data_uri, TAG_DATA_DIGEST: ds.digest})
+        mlflow.set_tags({tags.DATA_URI: data_uri, tags.DATA_DIGEST: ds.digest})
         log.info(
             "download_data: %s, %d train / %d test images, digest %s\n  data: %s\n  %s",
             dataset, len(ds.y_train), len(ds.y_test), ds.digest, data_uri, run_link(run),

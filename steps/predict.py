@@ -16,7 +16,9 @@ from pathlib import Path
 
 import click
 
-from steps.tracking import StepError, load_pyfunc, run_cli
+from steps import options, tags
+from steps.artifacts import load_pyfunc
+from steps.cli import StepError, first_line, run_cli
 
 log = logging.getLogger("steps.predict")
 
@@ -54,7 +56,7 @@ def read_png(path: Path):
 
 
 @click.command()
-@click.option("--model-uri", default="models:/mnist-classifier@champion", show_default=True)
+@options.MODEL_URI(default=f"models:/mnist-classifier@{tags.DEFAULT_ALIAS}")
 @click.option("--images", required=True, help="A PNG, a folder of PNGs, or an .npy array.")
 def cli(model_uri: str, images: str) -> None:
     """Print the predicted label and confidence for each image."""
@@ -66,7 +68,7 @@ def cli(model_uri: str, images: str) -> None:
         model = load_pyfunc(model_uri)
     except (MlflowException, OSError) as exc:
         raise StepError(
-            f"model_uri={model_uri!r} cannot be loaded ({str(exc).splitlines()[0]}); run the "
+            f"model_uri={model_uri!r} cannot be loaded ({first_line(exc)}); run the "
             "pipeline first or pass a models:/ or runs:/ URI"
         ) from None
     try:

@@ -56,7 +56,11 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         network.load_state_dict(torch.load(context.artifacts["weights"], weights_only=True))
         self.network = Probabilities(network).eval()
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The hint is np.ndarray, though to_images takes every form listed above: MLflow reads
+    # the hint to decide its own input validation, and ndarray (like DataFrame) tells it to
+    # leave the input as it comes.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None
+                ) -> pd.DataFrame:
         import torch
 
         images = torch.from_numpy(to_images(model_input))

@@ -87,6 +87,20 @@ def mlflow_run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedP
     )
 
 
+def copy_project(dest: Path) -> Path:
+    """The files git tracks in this project, copied to ``dest`` (edits there leave the
+    repository clean)."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_DIR / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, dest / name)
+    return dest
+
+
 def tiny_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Learnable 28x28 digits: scikit-learn's 8x8 digits upscaled, labels 0-9."""
     from steps.core.data import load_digits_dataset

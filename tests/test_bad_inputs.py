@@ -25,7 +25,7 @@ from conftest import (
     temporary_store,
     write_idx_folder,
 )
-from steps.tracking import run_cli
+from steps.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,9 @@ CASES = [
     ("main", ["--epochs", "-1"], ["epochs", ">=1"]),
     ("main", ["--use-cache", "maybe"], ["use_cache", "boolean"]),
     ("main", ["--arch", "vit"], ["arch", "mlp"]),
+    # main checks hidden itself, before any data is fetched (it once failed only in train).
+    ("main", ["--hidden", "256"], ["hidden", "two positive sizes"]),
+    ("train", ["--seed", "-1"], ["seed", "0<=x<=4294967295"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(("train", ["--device", "cuda", "--epochs", "1"], ["device=cuda", "no CUDA GPU"]))
@@ -146,5 +149,5 @@ def test_offline_mnist_download_fails_fast_naming_the_alternatives(tracking_uri,
                       MNIST_PIPELINE_CACHE=str(tmp_path / "cache"))
     assert time.monotonic() - started < 30
     assert_clean_failure(result, "dataset=digits", "data_dir")
-    run = mlflow.MlflowClient().search_runs(["0"])
-    assert not run or run[0].info.status == "FAILED"
+    runs = mlflow.MlflowClient().search_runs(["0"])
+    assert [r.info.status for r in runs] == ["FAILED"]

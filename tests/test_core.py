@@ -51,12 +51,22 @@ def test_train_config_rejects_bad_values(field, value, message):
         training.TrainConfig(**{field: value})
 
 
-def test_resolve_device():
+def test_resolve_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"),
+                                (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert training.resolve_device("auto").type == expected
     assert training.resolve_device("cpu").type == "cpu"
-    assert training.resolve_device("auto").type in ("cpu", "cuda", "mps")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            training.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA GPU"),
+                                             ("mps", "MPS is not available")])
+def test_resolve_device_refuses_what_is_not_there(monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        training.resolve_device(device)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +162,9 @@ def test_figures_render():
     fig = plots.misclassified_figure(images, y_true, y_pred, np.linspace(0, 1, 8), ["0", "1"])
     assert "4 of 8" in fig.axes[0].get_title()
     assert len(fig.axes[0].texts) == 4  # one label per wrong prediction
-    assert _png(plots.misclassified_figure(images, y_pred, y_pred, np.ones(8), ["0", "1"]))
+    perfect = plots.misclassified_figure(images, y_pred, y_pred, np.ones(8), ["0", "1"])
+    assert perfect.axes[0].get_title() == "no misclassified images" and not perfect.axes[0].texts
+    assert _png(perfect)[:4] == b"\x89PNG"
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.7},
                {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.8}]
     assert _png(plots.training_curves_figure(history))[:4] == b"\x89PNG"

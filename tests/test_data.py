@@ -196,7 +196,10 @@ def test_download_rejects_a_mirror_serving_wrong_bytes(tmp_path, mirror):
 def test_download_falls_back_to_the_next_mirror(tmp_path, mirror):
     server, resources, _ = mirror
     dead = "http://127.0.0.1:9/"  # discard port: connection refused
-    data.download_idx(tmp_path / "cache", resources, [dead, server.url])
+    dest = data.download_idx(tmp_path / "cache", resources, [dead, server.url])
+    for filename, md5 in resources:
+        assert hashlib.md5((dest / filename).read_bytes()).hexdigest() == md5
+        assert server.hits.get("/" + filename)  # it came from the live mirror
 
 
 def test_offline_download_fails_fast_naming_alternatives(tmp_path, monkeypatch):

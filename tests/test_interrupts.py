@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from conftest import PROJECT_DIR, VENV_BIN, subprocess_env, temporary_store
-from steps.tracking import run_cli
+from steps.cli import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -1,15 +1,22 @@
-"""MLproject is the single source of truth: every click script must declare exactly its params."""
+"""MLproject is the single source of truth: every click script must declare exactly its
+params; the scripts are doors, not libraries; conda.yaml carries exactly the pins."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib
+import re
 from pathlib import Path
 
 import click
 import pytest
 import yaml
 
-PROJECT = yaml.safe_load((Path(__file__).parent.parent / "MLproject").read_text())
+from tools import conda_env
+
+ROOT = Path(__file__).parent.parent
+PROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
 ENTRY_POINTS = PROJECT["entry_points"]
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "string": click.STRING}
 
@@ -56,10 +63,67 @@ def test_every_entry_point_has_a_docstring_naming_reads_and_writes(entry_point):
     assert "Reads:" in doc and "Writes:" in doc
 
 
-def test_conda_env_uses_the_pinned_requirements():
-    conda = yaml.safe_load((Path(__file__).parent.parent / "conda.yaml").read_text())
+def entry_modules() -> dict[str, str]:
+    """Entry point -> the module its MLproject command runs, read from the commands."""
+    found = {}
+    for name, spec in ENTRY_POINTS.items():
+        match = re.search(r"python -m (\S+)", spec["command"])
+        assert match, f"{name}: command is not `python -m <module>`"
+        found[name] = match.group(1)
+    return found
+
+
+def test_no_entry_script_imports_another():
+    modules = set(entry_modules().values())
+    assert len(modules) == len(ENTRY_POINTS) >= 7
+    for module in sorted(modules):
+        path = ROOT.joinpath(*module.split(".")).with_suffix(".py")
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        assert imported & {"steps.tags", "steps.cli", "steps.options", "steps.runs"}, (
+            module, "the walk sees the library imports")
+        assert not imported & (modules - {module}), f"{module} imports another entry script"
+
+
+def test_train_config_defaults_match_mlproject():
+    from steps.core.training import TrainConfig
+
+    declared = ENTRY_POINTS["train"]["parameters"]
+    checked = 0
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in declared:
+            continue
+        default = field.default if field.name != "hidden" else ""
+        assert str(default) == str(declared[field.name]["default"]), field.name
+        checked += 1
+    assert checked == len(dataclasses.fields(TrainConfig))
+
+
+def test_conda_env_lists_exactly_the_pinned_requirements():
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip_section = next(d for d in conda["dependencies"] if isinstance(d, dict))["pip"]
-    assert pip_section == ["-r requirements.txt"]
-    pins = (Path(__file__).parent.parent / "requirements.txt").read_text()
+    assert pip_section == conda_env.pins()
     for pin in ("torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2"):
-        assert pin in pins
+        assert pin in pip_section
+    # MLflow names the conda environment by conda.yaml's text; an included file would let
+    # a pin change without the name changing.
+    assert not [line for line in pip_section if line.startswith("-")]
+    assert (ROOT / "conda.yaml").read_text() == conda_env.render()
+
+
+def test_a_pin_change_changes_conda_yaml(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text((ROOT / "requirements.txt").read_text().replace(
+        "torch==2.14.1", "torch==2.15.0"))
+    assert conda_env.render(requirements) != conda_env.render()
+    assert "torch==2.15.0" in conda_env.render(requirements)
+
+
+def test_setup_and_ci_install_the_same_pins():
+    dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert "-r requirements.txt" in dev
+    assert "requirements-dev.txt" in (ROOT / "Makefile").read_text()

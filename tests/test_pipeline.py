@@ -1,4 +1,8 @@
-"""End to end: ``mlflow run . --env-manager local`` as a user types it, in subprocesses."""
+"""End to end: ``mlflow run . --env-manager local`` as a user types it, in subprocesses.
+
+A module-scoped first pipeline (and a failing one) are fixtures; every test asks for what
+it needs, so each passes alone and in any order.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,13 @@ import mlflow
 import pytest
 
 from conftest import mlflow_run, temporary_store
+from steps import tags
 
 pytestmark = pytest.mark.slow
 
 STEPS = ("download_data", "train", "evaluate", "register")
+DIGITS = ("-P", "dataset=digits", "-P", "epochs=1")
+DIVERGING = (*DIGITS, "-P", "learning_rate=1e6", "-P", "optimizer=sgd")
 
 
 @pytest.fixture(scope="module")
@@ -25,25 +32,53 @@ def children_of(run_id: str):
         order_by=["attributes.start_time ASC"])
 
 
-def main_runs():
+def main_runs() -> list:
     return mlflow.MlflowClient().search_runs(
-        ["0"], filter_string="tags.`pipeline.step` = 'main'",
+        ["0"], filter_string=f"tags.`{tags.STEP}` = 'main'",
         order_by=["attributes.start_time DESC"])
 
 
-def test_full_pipeline_on_digits(store):
-    result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1")
+def pipeline(*args: str):
+    """(completed process, the main run it created)."""
+    before = {r.info.run_id for r in main_runs()}
+    result = mlflow_run(*args)
+    new = [r for r in main_runs() if r.info.run_id not in before]
+    assert len(new) == 1, result.stderr[-3000:]
+    return result, new[0]
+
+
+def version_count() -> int:
+    return len(mlflow.MlflowClient().search_model_versions("name = 'mnist-classifier'"))
+
+
+@pytest.fixture(scope="module")
+def first(store):
+    result, main = pipeline(*DIGITS)
     assert result.returncode == 0, result.stderr[-3000:]
-    main = main_runs()[0]
+    return result, main
+
+
+@pytest.fixture(scope="module")
+def failed(first):
+    """A pipeline whose train step diverges, after a good one registered a champion."""
+    client = mlflow.MlflowClient()
+    before = (version_count(),
+              client.get_model_version_by_alias("mnist-classifier", "champion").version)
+    result, main = pipeline(*DIVERGING)
+    return result, main, before
+
+
+def test_full_pipeline_on_digits(first):
+    result, main = first
     assert main.info.status == "FINISHED"
     children = children_of(main.info.run_id)
-    assert [c.data.tags["pipeline.step"] for c in children] == list(STEPS)
+    assert [c.data.tags[tags.STEP] for c in children] == list(STEPS)
     assert all(c.info.status == "FINISHED" for c in children)
-    by_step = {c.data.tags["pipeline.step"]: c for c in children}
+    by_step = {c.data.tags[tags.STEP]: c for c in children}
     # Each step consumed what the previous one produced.
-    data_uri = by_step["download_data"].data.tags["pipeline.data_uri"]
+    data_uri = by_step["download_data"].data.tags[tags.DATA_URI]
     assert by_step["train"].data.params["data"] == data_uri
-    model_uri = by_step["train"].data.tags["pipeline.model_uri"]
+    model_uri = by_step["train"].data.tags[tags.MODEL_URI]
     assert by_step["evaluate"].data.params["model_uri"] == model_uri
     assert by_step["register"].data.params["model_uri"] == model_uri
     assert by_step["evaluate"].data.metrics["test_accuracy"] > 0.8
@@ -53,79 +88,84 @@ def test_full_pipeline_on_digits(store):
             "misclassified.png"} <= figures
     champion = client.get_model_version_by_alias("mnist-classifier", "champion")
     assert champion.tags["model_uri"] == model_uri
-    assert main.data.tags["pipeline.registered_version"] == str(champion.version)
-    assert main.data.tags["pipeline.reused_steps"] == "none"
+    assert main.data.tags[tags.REGISTERED_VERSION] == str(champion.version)
+    assert main.data.tags[tags.REUSED_STEPS] == "none"
     assert "main: done. test_accuracy" in result.stderr
     assert "\r" not in result.stderr  # no progress bars when output is not a terminal
+    # Every step said why it ran: a fresh store has no earlier run of it.
+    for step in STEPS:
+        assert f"main: {step} runs: no earlier finished {step} run" in result.stderr
 
 
-def test_rerun_reuses_every_step(store):
-    first = main_runs()[0]
-    result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1")
+def test_make_run_prints_no_python_warnings(first):
+    result, _ = first
+    assert "Warning" not in result.stderr, result.stderr
+    assert "already exists" not in result.stderr
+
+
+def test_rerun_reuses_every_step(first):
+    _, earlier = first
+    versions = version_count()
+    result, main = pipeline(*DIGITS)
     assert result.returncode == 0, result.stderr[-3000:]
-    main = main_runs()[0]
-    assert main.info.run_id != first.info.run_id
-    assert main.data.tags["pipeline.reused_steps"] == ",".join(STEPS)
+    assert main.data.tags[tags.REUSED_STEPS] == ",".join(STEPS)
     pointers = children_of(main.info.run_id)
-    assert [p.data.tags["pipeline.reused_step"] for p in pointers] == list(STEPS)
+    assert [p.data.tags[tags.REUSED_STEP] for p in pointers] == list(STEPS)
     for pointer in pointers:
-        step = pointer.data.tags["pipeline.reused_step"]
-        assert pointer.data.tags["pipeline.reused_run_id"] == first.data.tags[
-            f"pipeline.{step}_run_id"]
+        step = pointer.data.tags[tags.REUSED_STEP]
+        assert pointer.data.tags[tags.REUSED_RUN] == earlier.data.tags[tags.step_run_id(step)]
         assert pointer.info.status == "FINISHED"
-    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-classifier'")) == 1
+        assert f"main: {step} reused from run {pointer.data.tags[tags.REUSED_RUN]}" in \
+            result.stderr
+    assert version_count() == versions
 
 
-def test_a_changed_param_reruns_only_downstream_steps(store):
-    result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1", "-P", "seed=7")
+def test_a_changed_param_reruns_only_downstream_steps_and_says_why(first):
+    _, earlier = first
+    result, main = pipeline(*DIGITS, "-P", "seed=7")
     assert result.returncode == 0, result.stderr[-3000:]
-    main = main_runs()[0]
-    assert main.data.tags["pipeline.reused_steps"] == "download_data"
+    assert main.data.tags[tags.REUSED_STEPS] == "download_data"
+    assert "main: train runs: since run " in result.stderr
+    why = next(line for line in result.stderr.splitlines() if "main: train runs:" in line)
+    assert "params: seed 42 -> 7" in why and "changed files" not in why
 
 
-def test_evaluate_alone_after_a_pipeline_run(store):
+def test_evaluate_alone_after_a_pipeline_run(first):
     result = mlflow_run("-e", "evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     run = mlflow.MlflowClient().search_runs(
-        ["0"], filter_string="tags.`pipeline.step` = 'evaluate'",
+        ["0"], filter_string=f"tags.`{tags.STEP}` = 'evaluate'",
         order_by=["attributes.start_time DESC"])[0]
     champion = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
-    assert run.data.tags["pipeline.model_uri"] == champion.tags["model_uri"]
+    assert run.data.tags[tags.MODEL_URI] == champion.tags["model_uri"]
     assert "confusion_matrix.png" in result.stderr
 
 
-def test_a_failing_step_fails_main_and_registers_nothing(store):
-    client = mlflow.MlflowClient()
-    versions_before = len(client.search_model_versions("name = 'mnist-classifier'"))
-    champion_before = client.get_model_version_by_alias("mnist-classifier", "champion").version
-    # An absurd learning rate makes training diverge: a real failure inside a step.
-    result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1", "-P", "learning_rate=1e6",
-                        "-P", "optimizer=sgd")
+def test_a_failing_step_fails_main_and_registers_nothing(failed):
+    result, main, (versions_before, champion_before) = failed
     assert result.returncode != 0
     assert "error: step train failed" in result.stderr
     assert "Traceback" not in result.stderr
-    main = main_runs()[0]
     assert main.info.status == "FAILED"
     children = children_of(main.info.run_id)
-    steps = [c.data.tags.get("pipeline.step") for c in children]
+    steps = [c.data.tags.get(tags.STEP) for c in children]
     assert steps == ["reused", "train"]  # download reused; evaluate/register never started
     assert children[1].info.status == "FAILED"
-    assert len(client.search_model_versions("name = 'mnist-classifier'")) == versions_before
+    client = mlflow.MlflowClient()
+    assert version_count() == versions_before
     assert client.get_model_version_by_alias("mnist-classifier", "champion").version == \
         champion_before
     assert not [r for r in client.search_runs(["0"]) if r.info.status == "RUNNING"]
 
 
-def test_a_rerun_after_a_failure_recomputes_the_failed_step(store):
-    client = mlflow.MlflowClient()
-    failed = client.search_runs(["0"], "tags.`pipeline.step` = 'train' and "
-                                "attributes.status = 'FAILED'")
-    assert failed
-    result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1", "-P", "learning_rate=1e6",
-                        "-P", "optimizer=sgd")
+def test_a_rerun_after_a_failure_recomputes_the_failed_step(failed):
+    _, failed_main, _ = failed
+    failed_train = children_of(failed_main.info.run_id)[1]
+    assert failed_train.info.status == "FAILED"
+    result, main = pipeline(*DIVERGING)
     assert result.returncode != 0
-    children = children_of(main_runs()[0].info.run_id)
-    assert children[0].data.tags["pipeline.reused_step"] == "download_data"
+    children = children_of(main.info.run_id)
+    assert children[0].data.tags[tags.REUSED_STEP] == "download_data"
     retried = children[1]
-    assert retried.data.tags["pipeline.step"] == "train"  # ran again, not reused
-    assert retried.info.run_id not in {r.info.run_id for r in failed}
+    assert retried.data.tags[tags.STEP] == "train"  # ran again, not reused
+    assert retried.info.run_id != failed_train.info.run_id

@@ -8,7 +8,7 @@ import threading
 import mlflow
 import pytest
 
-from steps.register import Candidate, best_of, candidates, settle_alias
+from steps.registry import Candidate, best_of, candidates, settle_alias
 
 NAME = "mnist-classifier"
 

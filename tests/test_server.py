@@ -15,7 +15,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import PROJECT_DIR, VENV_BIN, free_port, mlflow_run, subprocess_env, wait_for_http
+from conftest import (
+    PROJECT_DIR,
+    VENV_BIN,
+    copy_project,
+    free_port,
+    mlflow_run,
+    subprocess_env,
+    wait_for_http,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -155,15 +163,7 @@ def test_two_pipelines_at_once_on_postgres_leave_the_alias_on_the_better(
 
 @pytest.fixture
 def project_copy(tmp_path) -> Path:
-    """The tracked files of this project in a temp folder, so runs there leave the repo clean."""
-    copy = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (PROJECT_DIR / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_DIR / name, copy / name)
-    return copy
+    return copy_project(tmp_path / "project")
 
 
 def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, project_copy,

@@ -22,8 +22,8 @@ from conftest import (
     temporary_store,
     wait_for_http,
 )
+from steps.cli import run_cli
 from steps.core.data import load_digits_dataset
-from steps.tracking import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Each entry point through the real ``mlflow.run`` against a real sqlite store.
 
-One module-scoped store is built up step by step (download -> train -> evaluate -> register),
-so the chain itself is under test and each step runs once.
+The chain itself is under test: module-scoped fixtures run download -> train -> evaluate ->
+register once each, and every test asks for the stage it needs, so each passes alone and
+in any order.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import pytest
 import torch
 
 from conftest import PROJECT_DIR, run_step, temporary_store, write_idx_folder
+from steps import tags
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One sqlite store for the whole module, built up by the tests in order."""
     root = tmp_path_factory.mktemp("store")
     with temporary_store(root) as uri:
         yield {"root": root, "uri": uri}
@@ -35,14 +36,37 @@ def run_entry(entry_point: str, **params):
     return mlflow.MlflowClient().get_run(submitted.run_id)
 
 
-def test_evaluate_before_any_run_fails_clearly(store):
+@pytest.fixture(scope="module")
+def data_run(store):
+    return run_entry("download_data", dataset="digits")
+
+
+@pytest.fixture(scope="module")
+def train_run(data_run):
+    return run_entry("train", data=data_run.data.tags[tags.DATA_URI], epochs=2, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def eval_run(train_run):
+    """evaluate with no params, while no champion exists: the newest model and its data."""
+    return run_entry("evaluate")
+
+
+@pytest.fixture(scope="module")
+def registered(eval_run, train_run):
+    run = run_entry("register", model_uri=train_run.data.tags[tags.MODEL_URI])
+    version = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
+    return run, version
+
+
+def test_evaluate_before_any_run_fails_clearly(tracking_uri):
     result = run_step("evaluate")
     assert result.returncode == 1
     assert "error: model_uri is empty" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_download_data_digits(store):
-    run = run_entry("download_data", dataset="digits")
+def test_download_data_digits(data_run):
+    run = data_run
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     assert tags["pipeline.step"] == "download_data"
@@ -53,7 +77,6 @@ def test_download_data_digits(store):
     assert contexts == {"train", "test"}
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"digits-train", "digits-test"}
     assert run.data.metrics["train_size"] + run.data.metrics["test_size"] == 1797
-    store["data_uri"] = tags["pipeline.data_uri"]
 
 
 def test_download_data_from_a_folder(store, tmp_path):
@@ -63,8 +86,8 @@ def test_download_data_from_a_folder(store, tmp_path):
     assert run.data.metrics["train_size"] == 60 and run.data.metrics["test_size"] == 20
 
 
-def test_train_logs_metrics_and_a_pt2_model(store):
-    run = run_entry("train", data=store["data_uri"], epochs=2, batch_size=32)
+def test_train_logs_metrics_and_a_pt2_model(train_run):
+    run = train_run
     assert run.info.status == "FINISHED"
     client = mlflow.MlflowClient()
     for metric in ("train_loss", "val_loss", "val_accuracy"):
@@ -85,39 +108,38 @@ def test_train_logs_metrics_and_a_pt2_model(store):
     model_uri = run.data.tags["pipeline.model_uri"]
     classifier = mlflow.models.get_model_info(model_uri)
     assert classifier.name == "classifier" and "python_function" in classifier.flavors
-    store["model_uri"] = model_uri
-    store["network_uri"] = run.data.tags["pipeline.network_uri"]
-    store["train_run"] = run
 
 
-def test_logged_model_loads_without_pickle(store, monkeypatch):
+def test_logged_model_loads_without_pickle(train_run, monkeypatch):
+    network_uri = train_run.data.tags[tags.NETWORK_URI]
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    local = Path(mlflow.artifacts.download_artifacts(store["network_uri"]))
+    local = Path(mlflow.artifacts.download_artifacts(network_uri))
     assert list(local.rglob("model.pt2")), "not saved in the pt2 format"
-    network = mlflow.pytorch.load_model(store["network_uri"])
+    network = mlflow.pytorch.load_model(network_uri)
     probs = network(torch.zeros(3, 28, 28)).detach().numpy()
     assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    classifier = mlflow.pyfunc.load_model(store["model_uri"])
+    classifier = mlflow.pyfunc.load_model(train_run.data.tags[tags.MODEL_URI])
     assert classifier.predict(np.zeros((3, 28, 28), np.uint8))["label"].shape == (3,)
 
 
-def test_classifier_is_the_same_network_rebuilt_from_its_weights(store):
+def test_classifier_is_the_same_network_rebuilt_from_its_weights(train_run):
     """The served model carries weights and model.py, not the pt2 program, and answers
     exactly like the pt2 network."""
-    local = Path(mlflow.artifacts.download_artifacts(store["model_uri"]))
+    model_uri = train_run.data.tags[tags.MODEL_URI]
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
     assert (local / "code" / "model.py").is_file()
     assert not list(local.rglob("*.pt2"))
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.float32)
-    served = mlflow.pyfunc.load_model(store["model_uri"]).predict(images)
-    network = mlflow.pytorch.load_model(store["network_uri"])
+    served = mlflow.pyfunc.load_model(model_uri).predict(images)
+    network = mlflow.pytorch.load_model(train_run.data.tags[tags.NETWORK_URI])
     expected = network(torch.from_numpy(images)).detach().numpy()
     np.testing.assert_allclose(np.stack(served["probabilities"]), expected, atol=1e-6)
 
 
-def test_classifier_loads_without_torch_dynamo(store):
+def test_classifier_loads_without_torch_dynamo(store, train_run):
     """Loading a pt2 archive imports torch._dynamo (~2 s); evaluate and serving must not."""
     code = ("import sys, mlflow, numpy as np; "
-            f"m = mlflow.pyfunc.load_model({store['model_uri']!r}); "
+            f"m = mlflow.pyfunc.load_model({train_run.data.tags[tags.MODEL_URI]!r}); "
             "m.predict(np.zeros((2, 28, 28))); "
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -125,11 +147,12 @@ def test_classifier_loads_without_torch_dynamo(store):
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
 
 
-def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(store):
-    run = run_entry("evaluate")
+def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(eval_run, train_run,
+                                                                    data_run):
+    run = eval_run
     assert run.info.status == "FINISHED"
-    assert run.data.tags["pipeline.model_uri"] == store["model_uri"]
-    assert run.data.tags["pipeline.data_uri"] == store["data_uri"]
+    assert run.data.tags[tags.MODEL_URI] == train_run.data.tags[tags.MODEL_URI]
+    assert run.data.tags[tags.DATA_URI] == data_run.data.tags[tags.DATA_URI]
     metrics = run.data.metrics
     assert 0.8 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
     for k in range(10):
@@ -140,45 +163,46 @@ def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(store):
             "per_class_metrics.csv"} <= artifacts
     csv_text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/per_class_metrics.csv")
     assert csv_text.splitlines()[0] == "class,name,precision,recall,f1,support"
-    store["eval_run"] = run
 
 
-def test_register_creates_a_tagged_version_and_the_alias(store):
-    run = run_entry("register", model_uri=store["model_uri"])
+def test_register_creates_a_tagged_version_and_the_alias(registered, train_run, eval_run):
+    run, version = registered
     assert run.info.status == "FINISHED"
-    client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("mnist-classifier", "champion")
     assert str(version.version) == "1"
-    assert version.tags["model_uri"] == store["model_uri"]
-    assert version.tags["evaluate_run_id"] == store["eval_run"].info.run_id
-    assert version.tags["train_run_id"] == store["train_run"].info.run_id
+    assert version.tags["model_uri"] == train_run.data.tags[tags.MODEL_URI]
+    assert version.tags["evaluate_run_id"] == eval_run.info.run_id
+    assert version.tags["train_run_id"] == train_run.info.run_id
     assert float(version.tags["test_accuracy"]) == pytest.approx(
-        store["eval_run"].data.metrics["test_accuracy"], abs=1e-6)
-    assert version.tags["data_digest"] == store["eval_run"].data.tags["pipeline.data_digest"]
-    assert "champion -> v1" in run.data.tags["pipeline.alias_decision"]
+        eval_run.data.metrics["test_accuracy"], abs=1e-6)
+    assert version.tags["data_digest"] == eval_run.data.tags[tags.DATA_DIGEST]
+    assert "champion -> v1" in run.data.tags[tags.ALIAS_DECISION]
 
 
-def test_registering_the_same_model_twice_adds_no_version(store):
-    run = run_entry("register", model_uri=store["model_uri"])
-    assert run.data.tags["pipeline.registered_version"] == "1"
-    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-classifier'")) == 1
+def test_registering_the_same_model_twice_adds_no_version(registered, train_run):
+    model_uri = train_run.data.tags[tags.MODEL_URI]
+    run = run_entry("register", model_uri=model_uri)
+    assert run.data.tags[tags.REGISTERED_VERSION] == str(registered[1].version)
+    versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-classifier'")
+    assert [v.tags["model_uri"] for v in versions].count(model_uri) == 1
 
 
-def test_a_worse_model_does_not_take_the_alias(store):
-    weak = run_entry("train", data=store["data_uri"], epochs=1, learning_rate=1e-5)
-    run_entry("evaluate", model_uri=weak.data.tags["pipeline.model_uri"])
-    run = run_entry("register", model_uri=weak.data.tags["pipeline.model_uri"])
-    assert run.data.tags["pipeline.registered_version"] == "2"
-    assert "champion stays on v1" in run.data.tags["pipeline.alias_decision"]
+def test_a_worse_model_does_not_take_the_alias(registered, data_run):
+    champion = registered[1].version
+    weak = run_entry("train", data=data_run.data.tags[tags.DATA_URI], epochs=1,
+                     learning_rate=1e-5)
+    run_entry("evaluate", model_uri=weak.data.tags[tags.MODEL_URI])
+    run = run_entry("register", model_uri=weak.data.tags[tags.MODEL_URI])
+    assert run.data.tags[tags.REGISTERED_VERSION] != str(champion)
+    assert f"champion stays on v{champion}" in run.data.tags[tags.ALIAS_DECISION]
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("mnist-classifier", "champion").version) == "1"
+    assert client.get_model_version_by_alias("mnist-classifier", "champion").version == champion
 
 
-def test_evaluate_alone_prefers_the_champion(store):
+def test_evaluate_alone_prefers_the_champion(registered):
     run = run_entry("evaluate")
-    assert run.data.tags["pipeline.model_uri"] == store["model_uri"]
+    assert run.data.tags[tags.MODEL_URI] == registered[1].tags["model_uri"]
 
 
-def test_no_run_is_left_running(store):
+def test_no_run_is_left_running(registered):
     runs = mlflow.MlflowClient().search_runs(["0"], max_results=1000)
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]

@@ -1,0 +1,199 @@
+"""What the steps hand each other: the data artifact and the two logged models.
+
+Writing them (``log_models``), reading them back (``load_data_artifact``, ``load_pyfunc``)
+and checking that they still exist (``output_missing``) live here, beside the list of
+project files a logged model carries (``SHIPPED_MODULES``), which the step cache hashes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from importlib.metadata import version
+from pathlib import Path
+
+from steps import tags
+from steps.cli import StepError, first_line
+
+log = logging.getLogger("steps")
+
+# Project modules copied into every logged classifier: the served model's code and the
+# networks it rebuilds. A change to either changes what train ships, so the step cache
+# (steps/cache.py) hashes them with the code train runs.
+SERVING_MODULE = "steps.serving"
+NETWORK_MODULE = "steps.core.model"
+SHIPPED_MODULES = (SERVING_MODULE, NETWORK_MODULE)
+
+
+def module_file(name: str) -> str:
+    """The source file of a project module, found without importing it."""
+    return importlib.util.find_spec(name).origin
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_data_artifact(data_uri: str):
+    """Download a download_data artifact and return the verified dataset.
+
+    Raises StepError naming the ``data`` parameter when the URI is missing or holds
+    something else.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from steps.core.data import DataError, load_saved_dataset
+
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri)
+    except (MlflowException, OSError) as exc:
+        raise StepError(
+            f"data={data_uri!r} cannot be read ({first_line(exc)}); pass the data URI "
+            "a download_data run logged (runs:/<run_id>/data) or leave data empty"
+        ) from None
+    try:
+        return load_saved_dataset(local)
+    except DataError as exc:
+        raise StepError(f"data={data_uri!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- models
+
+
+def log_models(network, arch: str, hidden, example_images) -> str:
+    """Log the pt2 ``model`` and the ``classifier`` to the active run; tag both URIs and
+    return the classifier's (what evaluate, register and serving use)."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from steps.core.model import Probabilities
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
+    # Two examples, not one: torch.export treats a batch of 1 as a fixed size.
+    example = np.ascontiguousarray(example_images[:2], dtype=np.float32)
+    with torch.no_grad():
+        logged = mlflow.pytorch.log_model(
+            Probabilities(network), name="model", signature=signature,
+            input_example=example, pip_requirements=model_requirements(),
+        )
+    classifier = log_classifier(network, arch, hidden, example)
+    mlflow.set_tags({tags.NETWORK_URI: logged.model_uri, tags.MODEL_URI: classifier.model_uri})
+    return classifier.model_uri
+
+
+def log_classifier(network, arch: str, hidden, example):
+    """Log the served model: ``steps/serving.py`` (model from code) rebuilding ``network``
+    from its weights and ``steps/core/model.py``.
+
+    Weights, not the pt2 program: loading a pt2 archive imports torch._dynamo (about 2 s),
+    which every evaluation and every server start would pay.
+    """
+    import json
+    import tempfile
+
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    signature = ModelSignature(
+        inputs=None,  # see steps/serving.py: several layouts and dtypes are accepted
+        outputs=Schema([ColSpec(DataType.long, "label"),
+                        ColSpec(Array(DataType.float), "probabilities")]),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, architecture = Path(tmp, "weights.pt"), Path(tmp, "architecture.json")
+        torch.save(network.state_dict(), weights)
+        architecture.write_text(json.dumps({"arch": arch, "hidden": list(hidden or [])}))
+        return mlflow.pyfunc.log_model(
+            name="classifier", python_model=module_file(SERVING_MODULE),
+            artifacts={"weights": str(weights), "architecture": str(architecture)},
+            code_paths=[module_file(NETWORK_MODULE)], signature=signature,
+            input_example=example,
+            pip_requirements=model_requirements() + [f"pandas=={version('pandas')}"],
+        )
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, pinned to what trained it.
+
+    Given explicitly: MLflow's inference runs the model in a subprocess (about 10 s here)
+    and only rediscovers these.
+    """
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "numpy")]
+
+
+def load_pyfunc(model_uri: str):
+    """``mlflow.pyfunc.load_model`` with a cheaper check of the model's requirements.
+
+    MLflow's own check, on by default, reads the file list of every installed distribution
+    (about 1.2 s with torch's CUDA wheels); the model pins a handful of packages, and
+    comparing those with what is installed tells the same.
+    """
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    mismatches = requirement_mismatches(os.path.join(local, "requirements.txt"))
+    if mismatches:
+        log.warning("warning: %s was logged with other packages than installed here: %s",
+                    model_uri, "; ".join(mismatches))
+    return mlflow.pyfunc.load_model(local, suppress_warnings=True)
+
+
+def requirement_mismatches(requirements_txt: str) -> list[str]:
+    """Pinned requirements in the file that the installed packages do not satisfy."""
+    from importlib.metadata import PackageNotFoundError
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if not os.path.isfile(requirements_txt):
+        return []
+    found = []
+    with open(requirements_txt) as lines:
+        for line in (raw.strip() for raw in lines):
+            if not line or line.startswith(("#", "-")):
+                continue
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                continue
+            try:
+                installed = version(requirement.name)
+            except PackageNotFoundError:
+                installed = None
+            if installed is None or not requirement.specifier.contains(installed,
+                                                                       prereleases=True):
+                found.append(f"{line} (installed: {installed or 'none'})")
+    return found
+
+
+# --------------------------------------------------------------------------- existence
+
+
+def output_missing(client, uri: str) -> str:
+    """Why ``uri`` (a ``runs:/<id>/<path>`` artifact or a ``models:/m-<id>`` logged model)
+    can no longer be read, or '' when it can. A listing, not a download."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri[len("runs:/"):].partition("/")
+            if not client.list_artifacts(run_id, path):
+                return f"{uri} has no files"
+        elif uri.startswith("models:/m-"):
+            names = {f.path for f in client.list_logged_model_artifacts(uri[len("models:/"):])}
+            if "MLmodel" not in names:
+                return f"{uri} has no MLmodel file"
+        else:
+            return ""
+    except (MlflowException, OSError) as exc:
+        return f"{uri} cannot be listed ({first_line(exc)})"
+    return ""

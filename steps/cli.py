@@ -1,0 +1,121 @@
+"""Process control for every entry script: logging set-up, signals, and the rule that every
+failure ends as one ``error:`` line and a non-zero exit.
+
+Free of torch and of MLflow at import time, so that ``main`` and ``register`` start fast.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import click
+
+log = logging.getLogger("steps")
+
+DEBUG_ENV = "PIPELINE_DEBUG"
+
+
+class StepError(Exception):
+    """A failure the user can act on. Its message is printed as one line, without traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM arrived. A KeyboardInterrupt, so that it unwinds exactly like Ctrl-C: runs are
+    closed KILLED, and MLflow's project runner (inside ``main``) cancels the child step."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error (or of a text); never raises, even when empty."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def setup_logging() -> None:
+    # Progress bars are for people at a terminal; in CI logs they are carriage-return noise.
+    # TQDM_DISABLE also quiets torchvision's download bar.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    level = logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    # MLflow and its dependencies are chatty at INFO; keep the console for our summary.
+    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_cli(command: click.Command, args: list[str] | None = None,
+            fast_exit: bool = False) -> None:
+    """Run a click command; every failure ends as one ``error:`` line and a non-zero exit.
+
+    ``fast_exit`` (for the ``python -m steps.X`` entry) ends the process right after the
+    atexit handlers: tearing down torch's interpreter state takes about 2 s on 2 cores, and
+    every pipeline step would pay it.
+    """
+    setup_logging()
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    code = 0
+    try:
+        command.main(args=args, standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        code = 2
+    except click.ClickException as exc:
+        code = _fail(_click_message(exc), exc.exit_code or 2)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        _close_active_run("KILLED")
+        code = _fail("interrupted (Ctrl-C or SIGTERM); the run is marked KILLED", 130)
+    except StepError as exc:
+        _close_active_run("FAILED")
+        code = _fail(str(exc), 1)
+    except Exception as exc:  # anything else is still reported in one line
+        _close_active_run("FAILED")
+        if os.environ.get(DEBUG_ENV):
+            raise
+        code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
+                     f"(set {DEBUG_ENV}=1 for the traceback)", 1)
+    if fast_exit:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
+def _click_message(exc: click.ClickException) -> str:
+    if isinstance(exc, click.MissingParameter) and exc.param is not None:
+        what = f" ({exc.param.help})" if getattr(exc.param, "help", None) else ""
+        return f"{exc.param.name} is required{what}"
+    if isinstance(exc, click.BadParameter) and exc.param is not None:
+        return f"invalid value for {exc.param.name}: {exc.message}"
+    if isinstance(exc, click.NoSuchOption):
+        return f"unknown option {exc.option_name}"
+    return exc.format_message()
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"error: {message}", err=True)
+    return code
+
+
+def _close_active_run(status: str) -> None:
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status)

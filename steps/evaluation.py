@@ -1,0 +1,114 @@
+"""The evaluate step's work: which model and data to score, scoring them, and the figures.
+
+Kept out of the entry script so that ``evaluate`` stays a door (parse, track, call).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from steps import tags
+from steps.artifacts import load_pyfunc
+from steps.cli import StepError, first_line
+from steps.runs import latest_finished_run
+
+
+def resolve_model(client, experiment_id: str, model_uri: str, model_name: str):
+    """(concrete model URI, ModelInfo) for ``model_uri`` or, when empty, the champion of
+    ``model_name``, else the newest finished train run's model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri:
+        try:
+            version = client.get_model_version_by_alias(model_name, tags.DEFAULT_ALIAS)
+            model_uri = f"models:/{version.model_id}" if version.model_id else version.source
+        except MlflowException:
+            train_run = latest_finished_run(client, experiment_id, "train")
+            if train_run is None or tags.MODEL_URI not in train_run.data.tags:
+                raise StepError(
+                    f"model_uri is empty, no model is registered as "
+                    f"{model_name}@{tags.DEFAULT_ALIAS} and this experiment has no finished "
+                    "train run; run the pipeline first (`mlflow run . --env-manager local`) "
+                    "or pass model_uri"
+                ) from None
+            model_uri = train_run.data.tags[tags.MODEL_URI]
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise StepError(
+            f"model_uri={model_uri!r} does not name a logged model ({first_line(exc)}); pass "
+            "models:/<model_id>, models:/<name>/<version>, models:/<name>@<alias> or "
+            "runs:/<run_id>/model"
+        ) from None
+    if info.model_id:
+        model_uri = f"models:/{info.model_id}"
+    return model_uri, info
+
+
+def data_for_model(client, info, data: str) -> str:
+    """``data``, or when empty the data URI the model was trained on (its run's tags)."""
+    if data:
+        return data
+    run_tags = client.get_run(info.run_id).data.tags if info.run_id else {}
+    if tags.DATA_URI not in run_tags:
+        raise StepError(
+            "data is empty and the model's training run records no data URI; pass data"
+        )
+    return run_tags[tags.DATA_URI]
+
+
+def predict_probabilities(model_uri: str, images):
+    """Class probabilities (N, classes) from a classifier (label + probabilities columns) or
+    from a bare network whose pyfunc answers with the probability matrix itself."""
+    import numpy as np
+
+    model = load_pyfunc(model_uri)
+    output = model.predict(np.ascontiguousarray(images, dtype=np.float32))
+    if hasattr(output, "columns") and "probabilities" in output.columns:
+        return np.stack(output["probabilities"].to_numpy()).astype(np.float64)
+    output = np.asarray(output, dtype=np.float64)
+    if output.ndim != 2:
+        raise StepError(f"model_uri={model_uri!r} does not output class probabilities")
+    return output
+
+
+def evaluate_and_log(model_uri: str, dataset):
+    """Score ``model_uri`` on the test split; log metrics, input, figures and the per-class
+    table to the active run; return the core's ``Evaluation``."""
+    import mlflow
+    import mlflow.data
+
+    from steps.core.data import dataset_digest
+    from steps.core.metrics import evaluate_predictions
+    from steps.core.plots import confusion_matrix_figure, misclassified_figure
+
+    probabilities = predict_probabilities(model_uri, dataset.x_test)
+    evaluation = evaluate_predictions(dataset.y_test, probabilities, len(dataset.classes))
+    mlflow.log_metrics(evaluation.scalar_metrics("test_"))
+    mlflow.log_input(
+        mlflow.data.from_numpy(
+            dataset.x_test, targets=dataset.y_test, name=f"{dataset.name}-test",
+            digest=dataset_digest(dataset.x_test, dataset.y_test),
+        ),
+        context="test",
+    )
+    classes = list(dataset.classes)
+    mlflow.log_figure(confusion_matrix_figure(evaluation.confusion, classes),
+                      "confusion_matrix.png")
+    mlflow.log_figure(confusion_matrix_figure(evaluation.confusion, classes, normalized=True),
+                      "confusion_matrix_normalized.png")
+    confidence = probabilities.max(axis=1)
+    mlflow.log_figure(
+        misclassified_figure(dataset.x_test, dataset.y_test, evaluation.predictions,
+                             confidence, classes),
+        "misclassified.png",
+    )
+    rows = evaluation.per_class_rows(classes)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    mlflow.log_text(buffer.getvalue(), "per_class_metrics.csv")
+    return evaluation

@@ -1,0 +1,93 @@
+"""Every click option the entry points share, declared once.
+
+MLproject stays the single source of truth for names, types and defaults
+(``tests/test_mlproject.py`` checks each script against it, and ``TrainConfig`` against
+these); this module is the one place the scripts take their options from. Each name is a
+factory: ``@options.EPOCHS()``, or ``@options.EPOCHS(default=3)`` where an entry point's
+MLproject default differs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from steps.core.choices import (
+    ARCHS,
+    DATASETS,
+    DEVICES,
+    METRICS,
+    OPTIMIZERS,
+    SEED_MAX,
+    parse_hidden,
+)
+from steps.tags import DEFAULT_ALIAS
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+
+def _option(*decls: str, **attrs):
+    def factory(**overrides):
+        return click.option(*decls, **{"show_default": True, **attrs, **overrides})
+    return factory
+
+
+def _check_hidden(_ctx, _param, value: str) -> str:
+    try:
+        parse_hidden(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _check_model_name(_ctx, _param, value: str) -> str:
+    if not MODEL_NAME_RE.match(value):
+        raise click.BadParameter(
+            f"{value!r} is not a valid model name: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (at most 128 characters)")
+    return value
+
+
+def _check_alias(_ctx, _param, value: str) -> str:
+    if not ALIAS_RE.match(value) or value.lower() == "latest":
+        raise click.BadParameter(f"{value!r}: use letters, digits, '_' or '-' (and not 'latest')")
+    return value
+
+
+DATASET = _option("--dataset", type=click.Choice(DATASETS), default="mnist",
+                  help="Which dataset; 'digits' ships with scikit-learn and works offline.")
+DATA_DIR = _option("--data-dir", default="",
+                   help="Folder holding the four IDX files (skips the download).")
+DATA = _option("--data", default="",
+               help="Data artifact URI, runs:/<id>/data (empty = newest download_data run).")
+EPOCHS = _option("--epochs", type=click.IntRange(min=1), default=5)
+LEARNING_RATE = _option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
+                        default=0.001)
+BATCH_SIZE = _option("--batch-size", type=click.IntRange(min=1), default=64)
+OPTIMIZER = _option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam")
+ARCH = _option("--arch", type=click.Choice(ARCHS), default="mlp")
+HIDDEN = _option("--hidden", default="", callback=_check_hidden,
+                 help="Two hidden sizes (mlp) or channel counts (cnn), e.g. '256,128'.")
+SEED = _option("--seed", type=click.IntRange(0, SEED_MAX), default=42)
+VAL_FRACTION = _option("--val-fraction",
+                       type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
+DEVICE = _option("--device", type=click.Choice(DEVICES), default="auto")
+MODEL_NAME = _option("--model-name", default="mnist-classifier", callback=_check_model_name,
+                     help="Registered model name.")
+MODEL_URI = _option("--model-uri", default="", help="A logged or registered model's URI.")
+ALIAS = _option("--alias", default=DEFAULT_ALIAS, callback=_check_alias,
+                help="Alias that follows the best version.")
+METRIC = _option("--metric", type=click.Choice(METRICS), default="test_accuracy",
+                 help="What 'better' means (test_loss: lower is better).")
+
+# The hyperparameters main passes on to train, in MLproject's order.
+TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, OPTIMIZER, ARCH, HIDDEN, SEED)
+
+
+def training_options(func):
+    """Apply the shared training hyperparameters (``main`` and ``train``)."""
+    for option in reversed(TRAINING):
+        func = option()(func)
+    return func

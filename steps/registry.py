@@ -1,0 +1,196 @@
+"""The registry side of ``register``: which evaluation a model has, its version, and where
+the alias belongs.
+
+MLflow's alias update is last-writer-wins, so two pipelines registering at once could
+leave the alias on the worse model. After writing, :func:`settle_alias` re-reads the
+registry and repairs the alias until a read shows the best version holding it. A version
+whose model can no longer be read is never chosen, and a holder that lost its model gives
+the alias up to the best version that still loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from steps import tags
+from steps.artifacts import output_missing
+from steps.cli import StepError
+from steps.core.choices import LOWER_IS_BETTER
+from steps.runs import latest_finished_run, quote
+
+log = logging.getLogger("steps.register")
+
+COPIED_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: int
+    score: float
+    digest: str
+    model_uri: str = ""
+
+
+def candidates(client, name: str, metric: str) -> dict[int, Candidate]:
+    """Every version of ``name`` that carries ``metric`` and a data digest."""
+    found = {}
+    for v in client.search_model_versions(f"name = {quote(name)}"):
+        if metric in v.tags and tags.VERSION_DATA_DIGEST in v.tags:
+            found[int(v.version)] = Candidate(
+                int(v.version), float(v.tags[metric]), v.tags[tags.VERSION_DATA_DIGEST],
+                v.tags.get(tags.VERSION_MODEL_URI, v.source))
+    return found
+
+
+def _rank(candidate: Candidate, metric: str) -> tuple:
+    # Ties go to the older version: a champion is not displaced by an equal model.
+    sign = -1 if metric in LOWER_IS_BETTER else 1
+    return sign * candidate.score, -candidate.version
+
+
+def best_of(pool: list[Candidate], metric: str) -> Candidate:
+    return max(pool, key=lambda c: _rank(c, metric))
+
+
+def current_holder(client, name: str, alias: str) -> int | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> str:
+    """Point ``alias`` at the best loadable version on the holder's data; say what was
+    decided.
+
+    Loops until one read finds the alias already on the best version: whichever pipeline
+    writes last, its own final read repairs any stale write that raced with it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lost: dict[int, str] = {}  # version -> why its model cannot be read; checked once each
+
+    def gone(candidate: Candidate) -> str:
+        if candidate.version not in lost:
+            lost[candidate.version] = output_missing(client, candidate.model_uri)
+        return lost[candidate.version]
+
+    def best_loadable(pool: list[Candidate]) -> Candidate | None:
+        return next((c for c in sorted(pool, key=lambda c: _rank(c, metric), reverse=True)
+                     if not gone(c)), None)
+
+    decision = ""
+    for attempt in range(20):
+        pool = candidates(client, name, metric)
+        holder = pool.get(current_holder(client, name, alias) or -1)
+        if holder is not None and gone(holder) and not decision:
+            log.warning("register: %s holder v%d cannot be loaded (%s); moving %s to the best "
+                        "version that still loads", alias, holder.version, gone(holder), alias)
+        digest = holder.digest if holder else new.digest
+        best = (best_loadable([c for c in pool.values() if c.digest == digest]) or
+                best_loadable([c for c in pool.values() if c.digest == new.digest]))
+        if best is None:
+            raise StepError(f"no version of {name} can be loaded any more; nothing to point "
+                            f"{alias} at")
+        if holder is not None and holder.version == best.version:
+            return decision or _kept(alias, metric, holder, new)
+        try:
+            client.set_registered_model_alias(name, alias, str(best.version))
+        except MlflowException as exc:
+            # Two writers inserting the same alias at once collide on the store's unique
+            # key; the other write landed, so re-read and decide again.
+            log.debug("alias write raced (%s); re-reading", exc)
+        else:
+            before = "no holder"
+            if holder is not None:
+                before = f"v{holder.version} ({holder.score:.4f})"
+                if gone(holder):
+                    before += f", whose model is gone: {gone(holder)}"
+            decision = f"{alias} -> v{best.version} ({metric} {best.score:.4f}), was {before}"
+        # Let a racing writer land before re-reading; jitter keeps two racers apart.
+        time.sleep(0.2 + random.random() * 0.3 if attempt else 0.05)
+    raise StepError(f"could not settle alias {alias} of {name} after 20 attempts")
+
+
+def _kept(alias: str, metric: str, holder: Candidate, new: Candidate) -> str:
+    if holder.version == new.version:
+        return f"{alias} already on v{new.version}"
+    if holder.digest != new.digest:
+        return (f"{alias} stays on v{holder.version}: it was scored on other data "
+                f"(digest {holder.digest}, new {new.digest}); not comparable")
+    return (f"{alias} stays on v{holder.version} ({metric} {holder.score:.4f}); "
+            f"v{new.version} scored {new.score:.4f}")
+
+
+def find_evaluation(client, experiment_id: str, model_uri: str):
+    """The newest finished evaluate run of ``model_uri`` (any spelling of it), or of any
+    model when empty."""
+    if model_uri:
+        extra = f"tags.`{tags.MODEL_URI}` = {quote(model_uri)}"
+        evaluation = latest_finished_run(client, experiment_id, "evaluate", extra)
+        if evaluation is None and not model_uri.startswith("models:/m-"):
+            # Accept any spelling of the model (runs:/..., name/version): resolve its id.
+            import mlflow
+            from mlflow.exceptions import MlflowException
+
+            try:
+                info = mlflow.models.get_model_info(model_uri)
+            except (MlflowException, OSError):
+                raise StepError(f"model_uri={model_uri!r} does not name a logged model") from None
+            if info.model_id:
+                extra = f"tags.`{tags.MODEL_URI}` = {quote('models:/' + info.model_id)}"
+                evaluation = latest_finished_run(client, experiment_id, "evaluate", extra)
+    else:
+        evaluation = latest_finished_run(client, experiment_id, "evaluate")
+    if evaluation is None:
+        what = f"model_uri={model_uri!r}: no" if model_uri else "model_uri is empty and no"
+        raise StepError(
+            f"{what} finished evaluate run for it in this experiment; run "
+            "`mlflow run . -e evaluate -P model_uri=...` first (only evaluated models are "
+            "registered)"
+        )
+    return evaluation
+
+
+def register_version(client, name: str, model_uri: str, evaluation):
+    """The version holding ``model_uri``: the existing one, or a new one fully tagged."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(
+                name, description="MNIST-style digit classifier; the `champion` alias marks "
+                "the best version.")
+        except MlflowException as race:  # another pipeline created it in between
+            if race.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    for existing in client.search_model_versions(f"name = {quote(name)}"):
+        if existing.tags.get(tags.VERSION_MODEL_URI) == model_uri:
+            log.info("register: %s is already %s version %s; not creating another",
+                     model_uri, name, existing.version)
+            return existing
+    run_tags, metrics = evaluation.data.tags, evaluation.data.metrics
+    version_tags = {
+        tags.VERSION_MODEL_URI: model_uri,
+        tags.VERSION_DATA_DIGEST: run_tags[tags.DATA_DIGEST],
+        tags.VERSION_DATASET: run_tags.get(tags.DATASET, ""),
+        tags.VERSION_TRAIN_RUN: run_tags.get(tags.TRAIN_RUN, ""),
+        tags.VERSION_EVALUATE_RUN: evaluation.info.run_id,
+        **{m: f"{metrics[m]:.6f}" for m in COPIED_METRICS if m in metrics},
+    }
+    # Tags go in with the version in one call: no version ever exists without them. The
+    # client call, not mlflow.register_model: that one tries to create the registered model
+    # again and prints that it exists, on every registration.
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
+    return client.create_model_version(
+        name, source=model_uri, run_id=run_tags.get(tags.TRAIN_RUN) or None, tags=version_tags,
+        model_id=model_id)

@@ -1,0 +1,112 @@
+"""Run bookkeeping: opening and closing a step's run, finding earlier runs, logging the
+parsed parameters, and the tracking URI every child step must share."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import click
+
+from steps import tags
+from steps.cli import StepError
+
+log = logging.getLogger("steps")
+
+
+@contextlib.contextmanager
+def step_run(step: str, run_name: str | None = None, nested: bool = False,
+             **extra_tags: str) -> Iterator:
+    """Start (or, under ``mlflow run``, resume) this step's run and tag it with its name.
+
+    The run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C/SIGTERM; never RUNNING.
+    ``nested`` starts a child of the active run (a tuning trial).
+    """
+    import mlflow
+
+    run = mlflow.start_run(run_name=run_name, nested=nested)
+    try:
+        mlflow.set_tags({tags.STEP: step, **extra_tags})
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_cli_params(**overrides) -> dict:
+    """Log the current click command's parsed parameters (``overrides`` replace resolved
+    values) to the active run; return what was logged.
+
+    Under ``mlflow run`` the project backend has already logged the entry point's
+    parameters as it stores them; those are kept, and only the missing ones are added.
+    """
+    import mlflow
+
+    params = {**click.get_current_context().params, **overrides}
+    run = mlflow.active_run()
+    existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    missing = {k: v for k, v in params.items() if k not in existing}
+    if missing:
+        mlflow.log_params(missing)
+    return params
+
+
+def latest_finished_run(client, experiment_id: str, step: str, extra_filter: str = ""):
+    """The newest FINISHED run of ``step`` in the experiment, or None."""
+    runs = newest_runs(client, experiment_id, step, extra_filter, max_results=1)
+    return runs[0] if runs else None
+
+
+def newest_runs(client, experiment_id: str, step: str, extra_filter: str = "",
+                max_results: int = 1) -> list:
+    """The newest FINISHED runs of ``step``, newest first."""
+    query = f"tags.`{tags.STEP}` = '{step}' and attributes.status = 'FINISHED'"
+    if extra_filter:
+        query += f" and {extra_filter}"
+    return client.search_runs([experiment_id], filter_string=query,
+                              order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
+def quote(value: str) -> str:
+    """Quote a value for an MLflow search filter."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_link(run) -> str:
+    """Where to look for ``run``: its UI address when the store is a server, else its id."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"run {run.info.run_id} (mlflow ui --backend-store-uri {uri}, then {path})"
+
+
+def absolutize_tracking_uri() -> None:
+    """Make a relative sqlite store absolute so every child writes to the same place.
+
+    ``mlflow run`` resolves a relative URI in the caller's folder but starts this process in
+    the project folder. From the project folder the two agree; from elsewhere this run's own
+    record is in another file, which is said here instead of creating an empty store.
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = os.path.abspath(uri[len("sqlite:///"):])
+        if os.environ.get("MLFLOW_RUN_ID") and not os.path.exists(path):
+            raise StepError(
+                f"MLFLOW_TRACKING_URI={uri} is relative and `mlflow run` was started outside "
+                f"the project folder ({os.getcwd()}); use an absolute URI such as "
+                "sqlite:////full/path/mlflow.db, or run from the project folder"
+            )
+        uri = "sqlite:///" + path
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        mlflow.set_tracking_uri(uri)

@@ -1,0 +1,131 @@
+"""The tune step's machinery: the search space, one trial as one nested run, and what the
+sweep logs at its end. ``steps/tune.py`` only parses, opens its run and calls these."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from steps import tags
+from steps.core.choices import ARCHS, OPTIMIZERS
+from steps.fitting import fit_and_log
+from steps.runs import step_run
+
+VAL_FRACTION = 0.1
+
+
+def search_space(trial) -> dict:
+    """The trial's training params, named as ``train`` takes them; hidden sizes depend on
+    the architecture (units for mlp, channels for cnn)."""
+    arch = trial.suggest_categorical("arch", list(ARCHS))
+    if arch == "mlp":
+        first = trial.suggest_categorical("mlp_hidden_1", [64, 128, 256, 512])
+        second = trial.suggest_categorical("mlp_hidden_2", [32, 64, 128, 256])
+    else:
+        first = trial.suggest_categorical("cnn_channels_1", [8, 16, 32])
+        second = trial.suggest_categorical("cnn_channels_2", [16, 32, 64])
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
+        "optimizer": trial.suggest_categorical("optimizer", list(OPTIMIZERS)),
+        "arch": arch,
+        "hidden": f"{first},{second}",
+    }
+
+
+def to_train_params(params: dict) -> dict:
+    """Optuna's flat trial params -> the names ``train``/``main`` take."""
+    arch = params["arch"]
+    prefix = "mlp_hidden" if arch == "mlp" else "cnn_channels"
+    return {"learning_rate": params["learning_rate"], "batch_size": params["batch_size"],
+            "optimizer": params["optimizer"], "arch": arch,
+            "hidden": f"{params[prefix + '_1']},{params[prefix + '_2']}"}
+
+
+@dataclass
+class BestTrial:
+    """The best completed trial so far: its network stays in memory, so only the winner's
+    model is ever logged."""
+
+    accuracy: float
+    run_id: str
+    config: object  # TrainConfig
+    network: object  # nn.Module with the best epoch's weights
+    example: object  # two validation-shaped images for the logged model's input example
+
+
+class Objective:
+    """Optuna's objective: each call trains one trial as a nested run of the active run."""
+
+    def __init__(self, dataset, data_uri: str, epochs: int, seed: int) -> None:
+        self.dataset, self.data_uri, self.epochs, self.seed = dataset, data_uri, epochs, seed
+        self.best: BestTrial | None = None
+
+    def __call__(self, trial) -> float:
+        import mlflow
+        import optuna
+
+        from steps.core.choices import parse_hidden
+        from steps.core.training import TrainConfig
+
+        params = search_space(trial)
+        config = TrainConfig(epochs=self.epochs, seed=self.seed, device="auto",
+                             learning_rate=params["learning_rate"],
+                             batch_size=params["batch_size"], optimizer=params["optimizer"],
+                             arch=params["arch"], hidden=parse_hidden(params["hidden"]))
+        with step_run("tune_trial", run_name=f"trial-{trial.number}", nested=True, **{
+                tags.OPTUNA_TRIAL: str(trial.number), tags.DATA_URI: self.data_uri,
+                tags.DATA_DIGEST: self.dataset.digest, tags.DATASET: self.dataset.name,
+        }) as run:
+            mlflow.log_params({**params, "epochs": self.epochs, "seed": self.seed,
+                               "data": self.data_uri})
+            result = self._fit(trial, config)
+            # A pruned trial did its job: its run ends FINISHED, tagged PRUNED.
+            mlflow.set_tag(tags.OPTUNA_STATE, "PRUNED" if result is None else "COMPLETE")
+        if result is None:
+            raise optuna.TrialPruned()
+        if self.best is None or result.best_val_accuracy > self.best.accuracy:
+            self.best = BestTrial(result.best_val_accuracy, run.info.run_id, config,
+                                  result.model, self.dataset.x_test[:2])
+        return result.best_val_accuracy
+
+    def _fit(self, trial, config):
+        """The trial's TrainResult, or None when the pruner stopped it."""
+        import optuna
+
+        def report(epoch):
+            trial.report(epoch.val_accuracy, epoch.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            return fit_and_log(config, self.dataset, VAL_FRACTION, on_epoch_end=report)
+        except optuna.TrialPruned:
+            return None
+
+
+def log_sweep_summary(study) -> dict:
+    """Log the sweep's metrics, best params and figures to the active run; return the best
+    params as ``train`` takes them."""
+    import mlflow
+    import optuna
+
+    from steps.core.plots import importance_figure, search_history_figure
+
+    states = [t.state.name for t in study.trials]
+    mlflow.log_metrics({"best_val_accuracy": study.best_value,
+                        "completed_trials": states.count("COMPLETE"),
+                        "pruned_trials": states.count("PRUNED")})
+    best_params = to_train_params(study.best_trial.params)
+    mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
+    # A pruned trial is drawn at its last report, a failed one not at all.
+    values = [t.value if t.value is not None else
+              (max(t.intermediate_values.values()) if t.intermediate_values else None)
+              for t in study.trials]
+    mlflow.log_figure(search_history_figure(values, states), "optimization_history.png")
+    if states.count("COMPLETE") >= 2:
+        with warnings.catch_warnings():  # "few trials per regime": expected in small sweeps
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study)
+        mlflow.log_figure(importance_figure(importances), "param_importances.png")
+    return best_params

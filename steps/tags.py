@@ -1,0 +1,44 @@
+"""Every tag name the project writes or reads, in one table.
+
+Run tags carry the ``pipeline.`` prefix so they sort together in the UI; model-version tags
+are short because the registry page shows them as a list beside the version.
+"""
+
+# On runs: what a step is and what it hands on.
+STEP = "pipeline.step"
+DATASET = "pipeline.dataset"
+DATA_URI = "pipeline.data_uri"
+DATA_DIGEST = "pipeline.data_digest"
+MODEL_URI = "pipeline.model_uri"  # the classifier: what is evaluated, registered and served
+NETWORK_URI = "pipeline.network_uri"  # the bare pt2 network
+TRAIN_RUN = "pipeline.train_run_id"
+RESOLVED_DEVICE = "pipeline.resolved_device"
+REGISTERED_VERSION = "pipeline.registered_version"
+ALIAS_DECISION = "pipeline.alias_decision"
+BEST_TRIAL_RUN = "pipeline.best_trial_run_id"
+OPTUNA_TRIAL = "optuna.trial"  # Optuna's own names, kept as Optuna users know them
+OPTUNA_STATE = "optuna.state"
+
+# On runs: the step cache (steps/cache.py).
+CACHE_KEY = "pipeline.cache_key"
+CACHE_INPUTS = "pipeline.cache_inputs"
+REUSED_STEP = "pipeline.reused_step"
+REUSED_RUN = "pipeline.reused_run_id"
+REUSED_STEPS = "pipeline.reused_steps"
+
+
+def step_run_id(step: str) -> str:
+    """The tag on ``main`` naming the run that did ``step``'s work (fresh or reused)."""
+    return f"pipeline.{step}_run_id"
+
+
+# On model versions.
+VERSION_MODEL_URI = "model_uri"
+VERSION_DATA_DIGEST = "data_digest"
+VERSION_DATASET = "dataset"
+VERSION_TRAIN_RUN = "train_run_id"
+VERSION_EVALUATE_RUN = "evaluate_run_id"
+
+# The alias that marks the best version; ``register`` moves it, ``evaluate`` and ``predict``
+# read it.
+DEFAULT_ALIAS = "champion"
