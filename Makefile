@@ -9,10 +9,17 @@ UI_PORT   ?= 5000
 MODEL     ?= models:/mnist-classifier@champion
 # The store every target uses: MLFLOW_TRACKING_URI if set, else MLflow's default.
 TRACKING  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
+# The experiment run, tune, ui and serve use: MLFLOW_EXPERIMENT_NAME if set, else a named
+# one (plain `mlflow run .` keeps whatever experiment MLflow is given).
+EXPERIMENT ?= $(or $(MLFLOW_EXPERIMENT_NAME),mnist-pipeline)
 export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI := $(TRACKING)
+# MLflow's launcher prints run links with the tracking URI as given, password included;
+# the steps print their own, redacted ones.
+export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
+run tune ui serve: export MLFLOW_EXPERIMENT_NAME := $(EXPERIMENT)
 
-.PHONY: setup run test test-fast lint ui serve bench tune clean conda-env
+.PHONY: setup run test test-fast lint ui serve bench tune clean conda-env screenshots
 
 setup: $(STAMP)
 
@@ -23,6 +30,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 run: setup  ## the whole pipeline; extra params: make run ARGS='-P dataset=digits'
+	$(BIN)/python -m steps.server
 	$(BIN)/mlflow run . --env-manager local $(ARGS)
 
 test: setup  ## the whole suite, slow tests included (what CI runs)
@@ -34,17 +42,24 @@ test-fast: setup  ## unit tests only
 lint: setup
 	$(BIN)/ruff check steps tests bench tools
 
-ui: setup  ## MLflow UI on the same store
+ui: setup  ## MLflow UI on the same store, opening on the experiment's training runs
+	@$(BIN)/python -c "import mlflow; e = mlflow.MlflowClient().get_experiment_by_name('$(EXPERIMENT)'); \
+	print('open http://127.0.0.1:$(UI_PORT)/#/experiments/' + e.experiment_id + '/runs?workflowType=machine_learning' if e else \
+	      'no experiment $(EXPERIMENT) yet: run make run first')"
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT)
 
 serve: setup  ## REST server for the champion on 127.0.0.1:$(PORT)
 	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 tune: setup  ## hyperparameter sweep; extra params: make tune ARGS='-P trials=10'
+	$(BIN)/python -m steps.server
 	$(BIN)/mlflow run . -e tune --env-manager local $(ARGS)
 
 bench: setup  ## speed benchmark; writes bench/results.json
 	$(BIN)/python bench/bench.py
+
+screenshots: setup  ## re-take the README's UI tour pictures (docs/images/ui-*.png)
+	UI_SCREENSHOTS=docs/images $(BIN)/python -m pytest tests/test_ui.py
 
 conda-env:  ## rewrite conda.yaml from requirements.txt after a pin changes
 	$(PYTHON) tools/conda_env.py

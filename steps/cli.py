@@ -15,6 +15,8 @@ import sys
 
 import click
 
+from steps.redact import RedactingFilter, redact
+
 log = logging.getLogger("steps")
 
 DEBUG_ENV = "PIPELINE_DEBUG"
@@ -42,6 +44,9 @@ def setup_logging() -> None:
     # Progress bars are for people at a terminal; in CI logs they are carriage-return noise.
     # TQDM_DISABLE also quiets torchvision's download bar.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <tracking URI>" itself, password included when the
+    # URI carries one; every step prints its own, redacted link instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
     level = logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.INFO
@@ -49,6 +54,10 @@ def setup_logging() -> None:
     # MLflow and its dependencies are chatty at INFO; keep the console for our summary.
     for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # No credential in any log line: ours (root handler) or MLflow's own handler.
+    for handler in (*logging.getLogger().handlers, *logging.getLogger("mlflow").handlers):
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def _raise_interrupted(signum, _frame):
@@ -109,7 +118,7 @@ def _click_message(exc: click.ClickException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {redact(message)}", err=True)
     return code
 
 

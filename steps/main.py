@@ -25,7 +25,14 @@ import click
 from steps import options, tags
 from steps.cache import Pipeline
 from steps.cli import run_cli
-from steps.runs import absolutize_tracking_uri, log_cli_params, run_link, step_run
+from steps.runs import (
+    absolutize_tracking_uri,
+    describe_experiment,
+    log_cli_params,
+    run_link,
+    step_run,
+)
+from steps.server import check_tracking_server
 
 log = logging.getLogger("steps.main")
 
@@ -50,7 +57,9 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
     absolutize_tracking_uri()
+    check_tracking_server()
     with step_run("main", run_name=run_name(dataset, arch, epochs, learning_rate)) as run:
+        describe_experiment(run.info.experiment_id)
         params = log_cli_params(data_dir=data_dir)
         pipeline = Pipeline(mlflow.MlflowClient(), run, use_cache)
         data_run = pipeline.step("download_data", {"dataset": dataset, "data_dir": data_dir},

@@ -35,6 +35,7 @@ log = logging.getLogger("steps.register")
 def cli(model_uri: str, model_name: str, alias: str, metric: str) -> None:
     """Register MODEL_URI as a version of MODEL_NAME; move ALIAS if it is the best."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     with step_run("register") as run:
         client = mlflow.MlflowClient()
@@ -43,10 +44,18 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str) -> None:
         model_uri = evaluation.data.tags[tags.MODEL_URI]
         if metric not in evaluation.data.metrics:
             raise StepError(f"evaluate run {evaluation.info.run_id} has no metric {metric}")
-        version = register_version(client, model_name, model_uri, evaluation)
-        new = Candidate(int(version.version), evaluation.data.metrics[metric],
-                        evaluation.data.tags[tags.DATA_DIGEST], model_uri)
-        decision = settle_alias(client, model_name, alias, metric, new)
+        try:
+            version = register_version(client, model_name, model_uri, evaluation)
+            new = Candidate(int(version.version), evaluation.data.metrics[metric],
+                            evaluation.data.tags[tags.DATA_DIGEST], model_uri)
+            decision = settle_alias(client, model_name, alias, metric, new)
+        except MlflowException as exc:
+            if exc.error_code != "PERMISSION_DENIED":
+                raise
+            raise StepError(
+                f"the tracking server refused to let this user write registered model "
+                f"{model_name} (permission denied); ask its owner for EDIT permission or "
+                "pass another model_name") from None
         mlflow.set_tags({tags.REGISTERED_VERSION: version.version,
                          tags.ALIAS_DECISION: decision})
         log.info("register: %s version %s (%s %.4f)\n  %s\n  %s", model_name, version.version,

@@ -12,6 +12,7 @@ import click
 
 from steps import tags
 from steps.cli import StepError
+from steps.redact import redact
 
 log = logging.getLogger("steps")
 
@@ -37,6 +38,31 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+EXPERIMENT_DESCRIPTION = """\
+MNIST-style digit classifiers trained with PyTorch by the mnist-pipeline MLflow Project.
+
+- Each `main` run is one pipeline, named for what it ran (dataset, arch, epochs, learning
+  rate); expand it for its four steps: `download_data`, `train` (per-epoch curves, the
+  logged models), `evaluate` (test metrics, confusion matrices, misclassified images) and
+  `register`. A `<step> (reused)` child points at the earlier run the step cache reused.
+- Each `tune` run is a hyperparameter sweep; its trials are nested under it.
+- The best model is `models:/mnist-classifier@champion` (Models tab).
+"""
+
+
+def describe_experiment(experiment_id: str) -> None:
+    """Mark the experiment as model training (so the UI opens on its training runs, not the
+    GenAI overview) and describe it; tags a user already set are left as they are."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment(experiment_id).tags
+    for key, value in ((tags.EXPERIMENT_KIND, tags.TRAINING_EXPERIMENT),
+                       (tags.EXPERIMENT_NOTE, EXPERIMENT_DESCRIPTION)):
+        if key not in existing:
+            client.set_experiment_tag(experiment_id, key, value)
 
 
 def log_cli_params(**overrides) -> dict:
@@ -82,7 +108,7 @@ def run_link(run) -> str:
     """Where to look for ``run``: its UI address when the store is a server, else its id."""
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
+    uri = redact(mlflow.get_tracking_uri())
     path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"

@@ -42,3 +42,9 @@ VERSION_EVALUATE_RUN = "evaluate_run_id"
 # The alias that marks the best version; ``register`` moves it, ``evaluate`` and ``predict``
 # read it.
 DEFAULT_ALIAS = "champion"
+
+# On the experiment: what the MLflow UI reads to open on training runs (not the GenAI
+# overview) and the description it shows.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
+EXPERIMENT_NOTE = "mlflow.note.content"

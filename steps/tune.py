@@ -29,7 +29,14 @@ from steps import options, tags
 from steps.artifacts import load_data_artifact, log_models
 from steps.cache import Pipeline
 from steps.cli import StepError, run_cli
-from steps.runs import absolutize_tracking_uri, log_cli_params, run_link, step_run
+from steps.runs import (
+    absolutize_tracking_uri,
+    describe_experiment,
+    log_cli_params,
+    run_link,
+    step_run,
+)
+from steps.server import check_tracking_server
 from steps.sweep import Objective, log_sweep_summary
 
 log = logging.getLogger("steps.tune")
@@ -51,8 +58,10 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
     import optuna
 
     absolutize_tracking_uri()
+    check_tracking_server()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with step_run("tune") as parent:
+    with step_run("tune", run_name=f"tune {dataset} {trials} trials e{epochs}") as parent:
+        describe_experiment(parent.info.experiment_id)
         log_cli_params()
         data_run = Pipeline(mlflow.MlflowClient(), parent, use_cache=True).step(
             "download_data", {"dataset": dataset, "data_dir": data_dir}, data_dir=data_dir)

@@ -33,6 +33,7 @@ def temporary_store(root: Path):
                       MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
     cwd = os.getcwd()
     os.chdir(root)
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         yield uri
@@ -43,7 +44,8 @@ def temporary_store(root: Path):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        mlflow.set_tracking_uri("")
+        # Restore, not clear: a module-scoped store may be around this one.
+        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture
@@ -54,9 +56,10 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     yield uri
-    mlflow.set_tracking_uri("")
+    mlflow.set_tracking_uri(previous)
 
 
 def subprocess_env(**extra: str) -> dict:

@@ -65,8 +65,9 @@ def use_server(tmp_path, monkeypatch):
         return mlflow.MlflowClient()
 
     (tmp_path / "work").mkdir()
+    previous = mlflow.get_tracking_uri()
     yield point
-    mlflow.set_tracking_uri("")
+    mlflow.set_tracking_uri(previous)
 
 
 def pipeline_children(client, main_run_id: str) -> list:
@@ -180,13 +181,14 @@ def test_a_relative_sqlite_uri_keeps_every_run_in_one_store(tmp_path, project_co
     assert result.returncode == 0, result.stderr[-3000:]
     stores = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db"))
     assert stores == [Path("project/mlflow.db")]
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
     try:
         client = mlflow.MlflowClient()
         main = client.search_runs(["0"], "tags.`pipeline.step` = 'main'")[0]
         assert len(pipeline_children(client, main.info.run_id)) == 4
     finally:
-        mlflow.set_tracking_uri("")
+        mlflow.set_tracking_uri(previous)
 
 
 def test_a_relative_sqlite_uri_from_another_folder_fails_clearly(tmp_path, project_copy):
@@ -201,9 +203,10 @@ def test_a_relative_sqlite_uri_from_another_folder_fails_clearly(tmp_path, proje
     assert "error: MLFLOW_TRACKING_URI=sqlite:///mlflow.db is relative" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project_copy / "mlflow.db").exists()  # no stray empty store
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{elsewhere / 'mlflow.db'}")
     try:
         runs = mlflow.MlflowClient().search_runs(["0"])
         assert [r.info.status for r in runs] == ["FAILED"]  # the main run, closed
     finally:
-        mlflow.set_tracking_uri("")
+        mlflow.set_tracking_uri(previous)

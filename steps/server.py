@@ -1,0 +1,65 @@
+"""A quick look at the tracking server before any work: reachable, and taking our login.
+
+MLflow's client retries an unreachable server for minutes and reports a refused login as a
+traceback; this asks once, with a short timeout, and says what is wrong in one line (the
+URI without its secrets). ``make run`` and ``make tune`` call it before ``mlflow run``
+(whose launcher talks to the server before any project code runs), and ``main`` and
+``tune`` call it when they start.
+
+    python -m steps.server   # exit 0, or one error line and exit 1
+"""
+
+from __future__ import annotations
+
+import os
+
+from steps.cli import StepError
+from steps.redact import redact
+
+TIMEOUT_S = 5
+
+
+def check_tracking_server(uri: str | None = None) -> None:
+    """Raise StepError (one line, no secrets) unless an HTTP tracking server at ``uri``
+    answers an authenticated request. Other stores (sqlite, PostgreSQL) are not checked."""
+    import requests
+
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    user, password = (os.environ.get("MLFLOW_TRACKING_USERNAME"),
+                      os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    try:
+        response = requests.get(url, params={"max_results": 1}, headers=headers,
+                                auth=(user, password) if user and password else None,
+                                timeout=TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise StepError(f"the tracking server {redact(uri)} cannot be reached "
+                        f"({type(exc).__name__}); start it or fix MLFLOW_TRACKING_URI") from None
+    if response.status_code in (401, 403):
+        raise StepError(
+            f"the tracking server {redact(uri)} refused the login (HTTP "
+            f"{response.status_code}); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+    if response.status_code >= 400:
+        raise StepError(f"the tracking server {redact(uri)} answered HTTP "
+                        f"{response.status_code} to a plain request; is it an MLflow server?")
+
+
+if __name__ == "__main__":
+    import click
+
+    from steps.cli import run_cli
+
+    @click.command()
+    def cli() -> None:
+        """Check the tracking server named by MLFLOW_TRACKING_URI."""
+        check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+    run_cli(cli)
