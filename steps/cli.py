@@ -92,8 +92,10 @@ def run_cli(command: click.Command, args: list[str] | None = None,
         code = _fail(str(exc), 1)
     except Exception as exc:  # anything else is still reported in one line
         _close_active_run("FAILED")
-        if os.environ.get(DEBUG_ENV):
-            raise
+        if os.environ.get(DEBUG_ENV):  # the traceback, asked for, still without secrets
+            import traceback
+
+            click.echo(redact(traceback.format_exc()), err=True, nl=False)
         code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
                      f"(set {DEBUG_ENV}=1 for the traceback)", 1)
     if fast_exit:

@@ -227,3 +227,19 @@ def test_a_user_who_may_not_write_the_model_gets_one_line_from_register(auth_ser
     assert not [v for v in admin.search_model_versions(f"name = '{MODEL}'")
                 if v.run_id == runs["train"].info.run_id]
     assert USER_PASSWORD not in result.stdout + result.stderr
+
+
+def test_the_debug_traceback_is_redacted_too(capsys, monkeypatch):
+    import click
+
+    monkeypatch.setenv("PIPELINE_DEBUG", "1")
+
+    @click.command()
+    def breaks() -> None:
+        raise ValueError("no store at postgresql://u:s3cret@db/mlflow")
+
+    with pytest.raises(SystemExit):
+        run_cli(breaks, [])
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError" in err
+    assert "s3cret" not in err and "postgresql://u:***@db/mlflow" in err

@@ -10,12 +10,19 @@ import os
 import shutil
 import signal
 import subprocess
-from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import VENV_BIN, free_port, mlflow_run, subprocess_env, temporary_store, wait_for_http
+from conftest import (
+    PROJECT_DIR,
+    VENV_BIN,
+    free_port,
+    mlflow_run,
+    subprocess_env,
+    temporary_store,
+    wait_for_http,
+)
 from steps import tags
 
 pytestmark = pytest.mark.slow
@@ -23,6 +30,8 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "mnist-pipeline"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 STEPS = ("download_data", "train", "evaluate", "register")
+# MLflow 3.17's UI has a global GenAI / Model training switch; the address sets it.
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +82,9 @@ def page(browser):
 def screenshot(page, name: str) -> None:
     folder = os.environ.get("UI_SCREENSHOTS")
     if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"ui-{name}.png"))
+        target = PROJECT_DIR / folder  # relative to the project: the tests change folder
+        target.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(target / f"ui-{name}.png"))
 
 
 def test_the_experiment_is_marked_as_model_training_and_described(ui):
@@ -86,8 +96,7 @@ def test_the_experiment_is_marked_as_model_training_and_described(ui):
 def test_the_experiment_opens_on_its_named_runs_which_expand_to_the_steps(ui, page):
     main = ui["runs"]["main"]
     assert main.info.run_name == "digits mlp e1 lr=0.001"
-    page.goto(f"{ui['url']}#/experiments/{ui['experiment'].experiment_id}/runs"
-              "?workflowType=machine_learning")
+    page.goto(f"{ui['url']}#/experiments/{ui['experiment'].experiment_id}/runs?{TRAINING_VIEW}")
     name = page.get_by_text(main.info.run_name, exact=True)
     name.wait_for()
     page.get_by_text("digits-train", exact=False).first.wait_for()  # the Dataset column
@@ -102,7 +111,7 @@ def test_the_experiment_opens_on_its_named_runs_which_expand_to_the_steps(ui, pa
 def test_the_evaluate_run_lists_the_confusion_matrix(ui, page):
     evaluate = ui["runs"]["evaluate"]
     page.goto(f"{ui['url']}#/experiments/{ui['experiment'].experiment_id}/runs/"
-              f"{evaluate.info.run_id}/artifacts")
+              f"{evaluate.info.run_id}/artifacts?{TRAINING_VIEW}")
     page.get_by_text("confusion_matrix.png", exact=True).first.wait_for()
     page.get_by_text("confusion_matrix.png", exact=True).first.click()
     page.wait_for_timeout(1500)  # let the preview draw
@@ -111,7 +120,7 @@ def test_the_evaluate_run_lists_the_confusion_matrix(ui, page):
 
 def test_the_model_page_shows_the_champion_and_the_version_tags(ui, page):
     version = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
-    page.goto(f"{ui['url']}#/models/mnist-classifier/versions/{version.version}")
+    page.goto(f"{ui['url']}#/models/mnist-classifier/versions/{version.version}?{TRAINING_VIEW}")
     page.get_by_text("champion").first.wait_for()
     for key in ("model_uri", "data_digest", "train_run_id", "evaluate_run_id",
                 "test_accuracy"):
