@@ -40,7 +40,7 @@ test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check steps tests bench tools
+	$(BIN)/ruff check steps tests bench tools plugins
 
 ui: setup  ## MLflow UI on the same store, opening on the experiment's training runs
 	@$(BIN)/python -c "import mlflow; e = mlflow.MlflowClient().get_experiment_by_name('$(EXPERIMENT)'); \

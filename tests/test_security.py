@@ -174,27 +174,56 @@ def test_the_pipeline_runs_against_an_authenticated_server(auth_server, as_user)
         serve.wait(timeout=30)
 
 
+LAUNCHERS = {
+    "make run": lambda: ["make", "-s", "-C", str(PROJECT_DIR), "run",
+                         "ARGS=-P dataset=digits -P epochs=1"],
+    "mlflow run .": lambda: [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR),
+                             "--env-manager", "local", "-P", "dataset=digits"],
+}
+
+
+def launch_and_expect_one_error(launcher: str, env: dict) -> str:
+    """Start the pipeline as a user does; it must fail within 20 s with one error line and
+    no traceback. Returns that line."""
+    started = time.monotonic()
+    result = subprocess.run(LAUNCHERS[launcher](), env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert time.monotonic() - started < 20, result.stderr[-2000:]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 @pytest.mark.parametrize("user, password", [("admin", "wrong-password"), ("", "")],
                          ids=["wrong", "missing"])
-def test_a_refused_login_fails_fast_in_one_line(auth_server, as_user, user, password):
+def test_a_refused_login_fails_fast_in_one_line(auth_server, as_user, launcher, user,
+                                                password):
     admin = as_user("admin", ADMIN_PASSWORD)
     before = len(admin.search_runs([e.experiment_id for e in admin.search_experiments()]))
     env = subprocess_env(MLFLOW_TRACKING_URI=auth_server["url"],
                          MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
-    started = time.monotonic()
-    result = subprocess.run(["make", "-s", "-C", str(PROJECT_DIR), "run",
-                             "ARGS=-P dataset=digits -P epochs=1"],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert time.monotonic() - started < 20
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: the tracking server {auth_server['url']} refused the login "
-                      "(HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                      "(or MLFLOW_TRACKING_TOKEN) in the environment"], result.stderr
-    assert "Traceback" not in result.stderr
+    error = launch_and_expect_one_error(launcher, env)
+    assert error == (f"error: the tracking server {auth_server['url']} refused the login "
+                     "(HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                     "(or MLFLOW_TRACKING_TOKEN) in the environment")
     after = len(admin.search_runs([e.experiment_id for e in admin.search_experiments()]))
     assert after == before  # nothing was started, nothing half-registered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_an_unreachable_server_fails_fast_in_one_line_without_its_password(launcher,
+                                                                          tmp_path):
+    port = free_port()  # nothing listens there
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"http://bob:{USER_PASSWORD}@127.0.0.1:{port}")
+    error = launch_and_expect_one_error(launcher, env)
+    assert error.startswith(f"error: the tracking server http://bob:***@127.0.0.1:{port} "
+                            "cannot be reached")
+    assert USER_PASSWORD not in error
 
 
 @pytest.mark.slow
