@@ -20,6 +20,8 @@ from steps.redact import RedactingFilter, redact
 log = logging.getLogger("steps")
 
 DEBUG_ENV = "PIPELINE_DEBUG"
+RETRY_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class StepError(Exception):
@@ -47,6 +49,11 @@ def setup_logging() -> None:
     # MLflow prints "View run ... at: <tracking URI>" itself, password included when the
     # URI carries one; every step prints its own, redacted link instead.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # A bounded retry budget: MLflow's defaults (7 retries, backoff factor 2, 120 s
+    # timeouts) keep a step waiting minutes on a lost server. These give up in about 20 s;
+    # children inherit them. A user's own settings win.
+    for name, value in RETRY_BUDGET.items():
+        os.environ.setdefault(name, value)
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
     level = logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.INFO

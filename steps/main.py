@@ -54,6 +54,7 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
     """Run the whole pipeline: download_data, train, evaluate, register."""
     import mlflow
 
+    options.check_model_fits(arch, hidden, batch_size)
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
     absolutize_tracking_uri()

@@ -9,6 +9,7 @@ MLproject default differs.
 
 from __future__ import annotations
 
+import os
 import re
 
 import click
@@ -21,6 +22,7 @@ from steps.core.choices import (
     OPTIMIZERS,
     SEED_MAX,
     parse_hidden,
+    training_bytes,
 )
 from steps.tags import DEFAULT_ALIAS
 
@@ -81,6 +83,21 @@ ALIAS = _option("--alias", default=DEFAULT_ALIAS, callback=_check_alias,
                 help="Alias that follows the best version.")
 METRIC = _option("--metric", type=click.Choice(METRICS), default="test_accuracy",
                  help="What 'better' means (test_loss: lower is better).")
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_model_fits(arch: str, hidden: str, batch_size: int) -> None:
+    """Refuse, naming ``hidden``, a network that cannot train in this machine's memory,
+    before anything is allocated or downloaded."""
+    needed, have = training_bytes(arch, parse_hidden(hidden), batch_size), physical_memory()
+    if needed > have:
+        raise click.BadParameter(
+            f"{hidden!r}: training this {arch} needs at least {needed / 2**30:.1f} GiB "
+            f"(weights, gradients, optimiser state, one batch of {batch_size}); this machine "
+            f"has {have / 2**30:.1f} GiB", param_hint="hidden")
+
 
 # The hyperparameters main passes on to train, in MLproject's order.
 TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, OPTIMIZER, ARCH, HIDDEN, SEED)

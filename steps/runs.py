@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 import click
@@ -29,7 +30,9 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
 
     run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
-        mlflow.set_tags({tags.STEP: step, **extra_tags})
+        mlflow.set_tags({tags.STEP: step, **process_tags(), **extra_tags})
+        if not nested:
+            close_orphans(mlflow.MlflowClient(), run.info.experiment_id)
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -63,6 +66,55 @@ def describe_experiment(experiment_id: str) -> None:
                        (tags.EXPERIMENT_NOTE, EXPERIMENT_DESCRIPTION)):
         if key not in existing:
             client.set_experiment_tag(experiment_id, key, value)
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot), '' if unknown; with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    return {tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()),
+            tags.PID_STARTED: _process_start(os.getpid())}
+
+
+def _process_gone(pid: int, started: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return bool(started) and _process_start(pid) not in ("", started)
+
+
+def close_orphans(client, experiment_id: str) -> list[str]:
+    """Mark KILLED this experiment's RUNNING runs whose process, on this host, is gone;
+    return their ids. Runs of live processes and of other hosts are never touched."""
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs(
+            [experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                           f"tags.`{tags.HOST}` = {quote(host)}",
+            max_results=1000):
+        pid = run.data.tags.get(tags.PID, "")
+        if not pid.isdigit() or not _process_gone(int(pid), run.data.tags.get(tags.PID_STARTED,
+                                                                               "")):
+            continue
+        client.set_tag(run.info.run_id, tags.ENDED_BECAUSE,
+                       f"its process {pid} on {host} was gone (killed or crashed); marked "
+                       f"KILLED by a later run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("marked KILLED %d run(s) whose process is gone: %s", len(closed),
+                    ", ".join(closed))
+    return closed
 
 
 def log_cli_params(**overrides) -> dict:

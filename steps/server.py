@@ -1,8 +1,9 @@
-"""A quick look at the tracking server before any work: reachable, and taking our login.
+"""A quick look at the tracking store before any work: a server reachable and taking our
+login; a new sqlite store created by one process at a time.
 
 MLflow's client retries an unreachable server for minutes and reports a refused login as a
 traceback; this asks once, with a short timeout, and says what is wrong in one line (the
-URI without its secrets). ``make run`` and ``make tune`` call it before ``mlflow run``
+URI without its secrets). ``make run`` and ``make tune`` call this module before ``mlflow run``
 (whose launcher talks to the server before any project code runs), and ``main`` and
 ``tune`` call it when they start.
 
@@ -52,6 +53,29 @@ def check_tracking_server(uri: str | None = None) -> None:
                         f"{response.status_code} to a plain request; is it an MLflow server?")
 
 
+def prepare_store(uri: str) -> None:
+    """Create a sqlite store's tables under a file lock, if the file is new.
+
+    Two pipelines started at once on a store that does not exist yet would both run
+    MLflow's schema migrations, and one dies with ``duplicate column name``. The first to
+    take the lock creates the tables; the other then finds them.
+    """
+    import fcntl
+    from pathlib import Path
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.is_file() and path.stat().st_size:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        import mlflow
+
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 if __name__ == "__main__":
     import click
 
@@ -59,7 +83,9 @@ if __name__ == "__main__":
 
     @click.command()
     def cli() -> None:
-        """Check the tracking server named by MLFLOW_TRACKING_URI."""
-        check_tracking_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        """Check the store named by MLFLOW_TRACKING_URI (a server) or create it (sqlite)."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        check_tracking_server(uri)
+        prepare_store(uri)
 
     run_cli(cli)

@@ -48,3 +48,10 @@ DEFAULT_ALIAS = "champion"
 EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING_EXPERIMENT = "custom_model_development"
 EXPERIMENT_NOTE = "mlflow.note.content"
+
+# On runs: which process runs them, so that a later step can tell a run whose process died
+# (kill -9, OOM, a crashed machine) from one still working (steps/runs.py).
+HOST = "pipeline.host"
+PID = "pipeline.pid"
+PID_STARTED = "pipeline.pid_started"
+ENDED_BECAUSE = "pipeline.ended_because"

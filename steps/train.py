@@ -44,6 +44,7 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
 
     from steps.core.training import TrainConfig, resolve_device
 
+    options.check_model_fits(arch, hidden, batch_size)
     with step_run("train") as run:
         # The cheap check first: no data is fetched for a device that is not there.
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -175,3 +176,66 @@ def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 1
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{url} never answered:\n{describe()}") from None
             time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def wait_for_training(timeout: float = 120, step: str = "train") -> None:
+    """Block until some run of ``step`` has logged an epoch, i.e. is mid-training."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'"):
+            if "val_accuracy" in run.data.metrics:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"no {step} run reached its first epoch in {timeout}s")
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    # A session of its own, so the test can signal the whole group like a terminal does.
+    return subprocess.Popen(cmd, env=subprocess_env(), cwd=os.getcwd(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def assert_group_gone(pgid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError("processes of the interrupted run were still alive")
+
+
+class TrackingServer:
+    """``mlflow server`` with artifacts proxied into ``root/artifacts``."""
+
+    def __init__(self, backend_uri: str, root: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend_uri,
+                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "2"],
+                env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True)
+        try:
+            wait_for_http(f"{self.url}/health", self.proc,
+                          lambda: self.log.read_text()[-3000:])
+        except AssertionError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)

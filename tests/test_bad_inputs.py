@@ -105,6 +105,11 @@ CASES = [
     # main checks hidden itself, before any data is fetched (it once failed only in train).
     ("main", ["--hidden", "256"], ["hidden", "two positive sizes"]),
     ("train", ["--seed", "-1"], ["seed", "0<=x<=4294967295"]),
+    ("main", ["--seed", "-1"], ["seed", "0<=x<=4294967295"]),
+    # Hundreds of millions of units: refused with the estimate, before any allocation.
+    ("train", ["--hidden", "400000000,10"], ["hidden", "GiB", "this machine has"]),
+    ("main", ["--hidden", "400000000,10", "--dataset", "digits"], ["hidden", "GiB"]),
+    ("train", ["--arch", "cnn", "--hidden", "100000,100000"], ["hidden", "GiB"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(("train", ["--device", "cuda", "--epochs", "1"], ["device=cuda", "no CUDA GPU"]))

@@ -34,6 +34,14 @@ def test_probabilities_wrapper_sums_to_one():
     assert (probs >= 0).all()
 
 
+@pytest.mark.parametrize("arch, hidden", [("mlp", None), ("mlp", (64, 32)), ("cnn", None),
+                                          ("cnn", (8, 64))])
+def test_the_weight_count_estimate_matches_the_built_network(arch, hidden):
+    built = sum(p.numel() for p in model.build_model(arch, hidden).parameters())
+    assert choices.network_weights(arch, hidden) == built
+    assert choices.training_bytes(arch, hidden, 64) > choices.BYTES_PER_WEIGHT * built
+
+
 def test_hidden_sizes_shape_the_network():
     net = model.build_model("mlp", (32, 16))
     assert [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)] == [32, 16, 10]

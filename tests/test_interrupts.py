@@ -7,14 +7,19 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 
-from conftest import PROJECT_DIR, VENV_BIN, subprocess_env, temporary_store
+from conftest import (
+    PROJECT_DIR,
+    VENV_BIN,
+    assert_group_gone,
+    start,
+    temporary_store,
+    wait_for_training,
+)
 from steps.cli import run_cli
 
 pytestmark = pytest.mark.slow
@@ -24,37 +29,6 @@ pytestmark = pytest.mark.slow
 def store(tmp_path):
     with temporary_store(tmp_path) as uri:
         yield uri
-
-
-def wait_for_training(timeout: float = 120, step: str = "train") -> None:
-    """Block until some run of ``step`` has logged an epoch, i.e. is mid-training."""
-    client = mlflow.MlflowClient()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for run in client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'"):
-            if "val_accuracy" in run.data.metrics:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"no {step} run reached its first epoch in {timeout}s")
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    # A session of its own, so the test can signal the whole group like a terminal does.
-    return subprocess.Popen(cmd, env=subprocess_env(), cwd=os.getcwd(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-def assert_group_gone(pgid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError("processes of the interrupted run were still alive")
 
 
 def assert_nothing_left_behind() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -18,41 +17,14 @@ import pytest
 from conftest import (
     PROJECT_DIR,
     VENV_BIN,
+    TrackingServer,
     copy_project,
     free_port,
     mlflow_run,
     subprocess_env,
-    wait_for_http,
 )
 
 pytestmark = pytest.mark.slow
-
-
-class TrackingServer:
-    """``mlflow server`` with artifacts proxied into ``root/artifacts``."""
-
-    def __init__(self, backend_uri: str, root: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend_uri,
-                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "2"],
-                env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True)
-        try:
-            wait_for_http(f"{self.url}/health", self.proc,
-                          lambda: self.log.read_text()[-3000:])
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture
