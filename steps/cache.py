@@ -280,8 +280,8 @@ class Pipeline:
                                max_results=20):
             earlier = StepInputs.from_json(run.data.tags.get(tags.CACHE_INPUTS, ""))
             if earlier is not None:
-                return None, f"since run {run.info.run_id}, " + "; ".join(
-                    changes(earlier, inputs))
+                return None, f"since run {run.info.run_id}, " + (
+                    "; ".join(changes(earlier, inputs)) or "nothing recorded differs")
         return None, f"no earlier finished {inputs.entry_point} run in this experiment"
 
     def reuse(self, hit, entry_point: str):
