@@ -148,30 +148,38 @@ def load_pyfunc(model_uri: str):
     return mlflow.pyfunc.load_model(local, suppress_warnings=True)
 
 
+def read_requirements(path: str | os.PathLike) -> list:
+    """The requirements of a pip requirements file as ``packaging`` Requirements; comments,
+    options (``-r``, ``-c``) and unparsable lines are skipped, as MLflow does."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    found = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#")[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            found.append(Requirement(line))
+        except InvalidRequirement:
+            continue
+    return found
+
+
 def requirement_mismatches(requirements_txt: str) -> list[str]:
     """Pinned requirements in the file that the installed packages do not satisfy."""
     from importlib.metadata import PackageNotFoundError
 
-    from packaging.requirements import InvalidRequirement, Requirement
-
     if not os.path.isfile(requirements_txt):
         return []
     found = []
-    with open(requirements_txt) as lines:
-        for line in (raw.strip() for raw in lines):
-            if not line or line.startswith(("#", "-")):
-                continue
-            try:
-                requirement = Requirement(line)
-            except InvalidRequirement:
-                continue
-            try:
-                installed = version(requirement.name)
-            except PackageNotFoundError:
-                installed = None
-            if installed is None or not requirement.specifier.contains(installed,
-                                                                       prereleases=True):
-                found.append(f"{line} (installed: {installed or 'none'})")
+    for requirement in read_requirements(requirements_txt):
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            installed = None
+        if installed is None or not requirement.specifier.contains(installed,
+                                                                   prereleases=True):
+            found.append(f"{requirement} (installed: {installed or 'none'})")
     return found
 
 

@@ -34,7 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from steps import tags
-from steps.artifacts import output_missing
+from steps.artifacts import output_missing, read_requirements
 from steps.cli import StepError, first_line
 from steps.runs import newest_runs, quote
 
@@ -116,21 +116,12 @@ def file_hashes(paths: list[str], root: Path = PROJECT_DIR) -> dict[str, str]:
 @cache
 def pinned_package_versions(root: Path = PROJECT_DIR) -> dict[str, str]:
     """Installed version of every package requirements.txt pins ('none' if missing)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     versions = {}
-    for line in (root / "requirements.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if not line or line.startswith("-"):
-            continue
+    for requirement in read_requirements(root / "requirements.txt"):
         try:
-            name = Requirement(line).name
-        except InvalidRequirement:
-            continue
-        try:
-            versions[name] = version(name)
+            versions[requirement.name] = version(requirement.name)
         except PackageNotFoundError:
-            versions[name] = "none"
+            versions[requirement.name] = "none"
     return versions
 
 
