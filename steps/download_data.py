@@ -19,8 +19,8 @@ import click
 
 from steps import options, tags
 from steps.cli import StepError, run_cli
-from steps.core.data import DataError, dataset_digest
-from steps.runs import log_cli_params, run_link, step_run
+from steps.core.data import DataError
+from steps.runs import log_cli_params, log_dataset, run_link, step_run
 
 log = logging.getLogger("steps.download_data")
 
@@ -31,7 +31,6 @@ log = logging.getLogger("steps.download_data")
 def cli(dataset: str, data_dir: str) -> None:
     """Fetch DATASET (or read DATA_DIR) and log it as the run artifact ``data/``."""
     import mlflow
-    import mlflow.data
 
     from steps.core.data import load_dataset, save_dataset
 
@@ -49,14 +48,9 @@ def cli(dataset: str, data_dir: str) -> None:
             mlflow.log_artifacts(tmp, artifact_path="data")
         data_uri = f"runs:/{run.info.run_id}/data"
         for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-            mlflow.log_input(
-                mlflow.data.from_numpy(
-                    # No `source`: MLflow cannot resolve artifact URIs of a tracking server
-                    # as dataset sources; the data URI is the run's pipeline.data_uri tag.
-                    x, targets=y, name=f"{dataset}-{split}", digest=dataset_digest(x, y),
-                ),
-                context=split,
-            )
+            # No `source`: MLflow cannot resolve artifact URIs of a tracking server as dataset
+            # sources; the data URI is the run's pipeline.data_uri tag.
+            log_dataset(x, y, f"{dataset}-{split}", context=split)
         mlflow.log_metrics({"train_size": len(ds.y_train), "test_size": len(ds.y_test)})
         mlflow.set_tags({tags.DATA_URI: data_uri, tags.DATA_DIGEST: ds.digest})
         log.info(

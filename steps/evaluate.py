@@ -7,7 +7,8 @@ Writes: params ``model_uri``, ``data``, ``model_name``;
         metrics ``test_accuracy``, ``test_loss``, ``test_macro_{precision,recall,f1}`` and
         ``test_{precision,recall,f1}_class_<k>``;
         artifacts ``confusion_matrix.png`` (counts), ``confusion_matrix_normalized.png``,
-        ``misclassified.png``, ``per_class_metrics.csv``;
+        ``misclassified.png``, ``per_class_metrics.csv``, ``predictions.csv`` (per test
+        image: index, label, predicted, confidence; read by ``register``);
         input ``<dataset>-test`` (context ``test``);
         tags ``pipeline.step``, ``pipeline.model_uri`` (the concrete ``models:/m-...`` URI),
         ``pipeline.train_run_id``, ``pipeline.data_uri``, ``pipeline.data_digest``.

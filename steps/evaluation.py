@@ -11,7 +11,7 @@ import io
 from steps import tags
 from steps.artifacts import load_pyfunc
 from steps.cli import StepError, first_line
-from steps.runs import latest_finished_run
+from steps.runs import latest_finished_run, log_dataset
 
 
 def resolve_model(client, experiment_id: str, model_uri: str, model_name: str):
@@ -78,22 +78,14 @@ def evaluate_and_log(model_uri: str, dataset):
     """Score ``model_uri`` on the test split; log metrics, input, figures and the per-class
     table to the active run; return the core's ``Evaluation``."""
     import mlflow
-    import mlflow.data
 
-    from steps.core.data import dataset_digest
     from steps.core.metrics import evaluate_predictions
     from steps.core.plots import confusion_matrix_figure, misclassified_figure
 
     probabilities = predict_probabilities(model_uri, dataset.x_test)
     evaluation = evaluate_predictions(dataset.y_test, probabilities, len(dataset.classes))
     mlflow.log_metrics(evaluation.scalar_metrics("test_"))
-    mlflow.log_input(
-        mlflow.data.from_numpy(
-            dataset.x_test, targets=dataset.y_test, name=f"{dataset.name}-test",
-            digest=dataset_digest(dataset.x_test, dataset.y_test),
-        ),
-        context="test",
-    )
+    log_dataset(dataset.x_test, dataset.y_test, f"{dataset.name}-test", context="test")
     classes = list(dataset.classes)
     mlflow.log_figure(confusion_matrix_figure(evaluation.confusion, classes),
                       "confusion_matrix.png")
@@ -105,10 +97,30 @@ def evaluate_and_log(model_uri: str, dataset):
                              confidence, classes),
         "misclassified.png",
     )
-    rows = evaluation.per_class_rows(classes)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    mlflow.log_text(buffer.getvalue(), "per_class_metrics.csv")
+    mlflow.log_text(csv_text(evaluation.per_class_rows(classes)), "per_class_metrics.csv")
+    # Per image, so that register can compare a challenger with the holder without
+    # loading either model again.
+    mlflow.log_text(csv_text(
+        {"index": i, "label": int(label), "predicted": int(predicted),
+         "confidence": round(float(conf), 4)}
+        for i, (label, predicted, conf) in enumerate(
+            zip(dataset.y_test, evaluation.predictions, confidence, strict=True))),
+        PREDICTIONS_FILE)
     return evaluation
+
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def csv_text(rows) -> str:
+    """Rows (dicts with the same keys) as CSV text with a header."""
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(first))
+    writer.writeheader()
+    writer.writerow(first)
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from steps.cli import StepError
+from steps.runs import log_dataset
 
 
 def fit_and_log(config, dataset, val_fraction: float,
@@ -17,20 +18,13 @@ def fit_and_log(config, dataset, val_fraction: float,
     (``steps.artifacts.log_models``). ``on_epoch_end`` may raise to stop early (pruning).
     """
     import mlflow
-    import mlflow.data
 
-    from steps.core.data import dataset_digest, split_train_val
+    from steps.core.data import split_train_val
     from steps.core.plots import training_curves_figure
     from steps.core.training import train
 
     train_idx, val_idx = split_train_val(len(dataset.y_train), val_fraction, config.seed)
-    mlflow.log_input(
-        mlflow.data.from_numpy(
-            dataset.x_train, targets=dataset.y_train, name=f"{dataset.name}-train",
-            digest=dataset_digest(dataset.x_train, dataset.y_train),
-        ),
-        context="training",
-    )
+    log_dataset(dataset.x_train, dataset.y_train, f"{dataset.name}-train", context="training")
 
     def log_epoch(epoch):
         mlflow.log_metrics(
@@ -42,8 +36,7 @@ def fit_and_log(config, dataset, val_fraction: float,
             on_epoch_end(epoch)
 
     try:
-        result = train(config, dataset.x_train[train_idx], dataset.y_train[train_idx],
-                       dataset.x_train[val_idx], dataset.y_train[val_idx],
+        result = train(config, dataset.x_train, dataset.y_train, train_idx, val_idx,
                        on_epoch_end=log_epoch, progress=sys.stderr.isatty())
     except FloatingPointError as exc:
         raise StepError(str(exc)) from None

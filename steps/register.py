@@ -1,16 +1,24 @@
 """register: put an evaluated model in the registry and move the alias only if it is better.
 
 Reads:  ``--model-uri`` (empty = the model of the newest finished evaluate run) and the
-        newest finished evaluate run of that model (its ``--metric``, data digest, run ids).
+        newest finished evaluate run of that model (its ``--metric``, data digest, run ids,
+        ``predictions.csv``); with ``--force``, ``models:/<name>/<version>`` or
+        ``models:/<name>@<alias>`` of ``--model-name`` names an existing version directly.
 Writes: a model version of ``--model-name`` (none if this model is already registered),
         tagged ``model_uri``, ``data_digest``, ``dataset``, ``train_run_id``,
         ``evaluate_run_id`` and its test metrics; the ``--alias`` (default ``champion``)
         when the version beats the current holder on the same data, or none holds it, or
-        the holder's model can no longer be read;
-        params ``model_uri``, ``model_name``, ``alias``, ``metric``;
+        the holder's model can no longer be read, or ``--force`` is true (versions that
+        outrank a forced target are tagged ``demoted``); each move appended to the
+        registered model's ``alias_history`` tag;
+        artifacts ``challenger/per_class_accuracy.{png,csv}`` and
+        ``challenger/disagreements.png`` when the version is compared with a holder on
+        the same data;
+        params ``model_uri``, ``model_name``, ``alias``, ``metric``, ``force``;
         tags ``pipeline.step``, ``pipeline.registered_version``, ``pipeline.alias_decision``.
 
-The registry logic (race-safe alias moves, comparisons) is in ``steps/registry.py``.
+The registry logic (race-safe alias moves, history, comparisons) is in
+``steps/registry.py``, the challenger report in ``steps/challenger.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +28,19 @@ import logging
 import click
 
 from steps import options, tags
+from steps.challenger import log_challenger_report
 from steps.cli import StepError, run_cli
-from steps.registry import Candidate, find_evaluation, register_version, settle_alias
+from steps.registry import (
+    Candidate,
+    candidates,
+    current_holder,
+    find_evaluation,
+    force_alias,
+    register_version,
+    registered_version,
+    settle_alias,
+    version_candidate,
+)
 from steps.runs import log_cli_params, run_link, step_run
 
 log = logging.getLogger("steps.register")
@@ -32,23 +51,39 @@ log = logging.getLogger("steps.register")
 @options.MODEL_NAME()
 @options.ALIAS()
 @options.METRIC()
-def cli(model_uri: str, model_name: str, alias: str, metric: str) -> None:
+@click.option("--force", type=click.BOOL, default=False, show_default=True,
+              help="Move ALIAS to this version whatever the scores (rollback, promotion).")
+def cli(model_uri: str, model_name: str, alias: str, metric: str, force: bool) -> None:
     """Register MODEL_URI as a version of MODEL_NAME; move ALIAS if it is the best."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    if force and not model_uri:
+        raise StepError("force=true needs model_uri: the version to move the alias to, e.g. "
+                        f"models:/{model_name}/<version>")
     with step_run("register") as run:
         client = mlflow.MlflowClient()
         log_cli_params()
-        evaluation = find_evaluation(client, run.info.experiment_id, model_uri)
-        model_uri = evaluation.data.tags[tags.MODEL_URI]
-        if metric not in evaluation.data.metrics:
-            raise StepError(f"evaluate run {evaluation.info.run_id} has no metric {metric}")
+        run_id = run.info.run_id
         try:
-            version = register_version(client, model_name, model_uri, evaluation)
-            new = Candidate(int(version.version), evaluation.data.metrics[metric],
-                            evaluation.data.tags[tags.DATA_DIGEST], model_uri)
-            decision = settle_alias(client, model_name, alias, metric, new)
+            existing = registered_version(client, model_name, model_uri) if force else None
+            if existing is not None:  # a rollback to (or promotion of) a registered version
+                new = version_candidate(client, model_name, existing, metric)
+            else:
+                evaluation = find_evaluation(client, run.info.experiment_id, model_uri)
+                model_uri = evaluation.data.tags[tags.MODEL_URI]
+                if metric not in evaluation.data.metrics:
+                    raise StepError(f"evaluate run {evaluation.info.run_id} has no metric "
+                                    f"{metric}")
+                version = register_version(client, model_name, model_uri, evaluation)
+                new = Candidate(int(version.version), evaluation.data.metrics[metric],
+                                evaluation.data.tags[tags.DATA_DIGEST], model_uri)
+            holder = candidates(client, model_name, metric, demoted=True).get(
+                current_holder(client, model_name, alias) or -1)
+            if force:
+                decision = force_alias(client, model_name, alias, metric, new, run_id)
+            else:
+                decision = settle_alias(client, model_name, alias, metric, new, run_id)
         except MlflowException as exc:
             if exc.error_code != "PERMISSION_DENIED":
                 raise
@@ -56,10 +91,14 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str) -> None:
                 f"the tracking server refused to let this user write registered model "
                 f"{model_name} (permission denied); ask its owner for EDIT permission or "
                 "pass another model_name") from None
-        mlflow.set_tags({tags.REGISTERED_VERSION: version.version,
+        mlflow.set_tags({tags.REGISTERED_VERSION: str(new.version),
                          tags.ALIAS_DECISION: decision})
-        log.info("register: %s version %s (%s %.4f)\n  %s\n  %s", model_name, version.version,
-                 metric, new.score, decision, run_link(run))
+        report = ""
+        if holder is not None and holder.version != new.version and holder.digest == new.digest:
+            report = log_challenger_report(client, model_name, holder, new)
+        log.info("register: %s version %s (%s %.4f)\n  %s%s\n  %s", model_name, new.version,
+                 metric, new.score, decision, f"\n  {report}" if report else "",
+                 run_link(run))
 
 
 if __name__ == "__main__":

@@ -6,14 +6,21 @@ leave the alias on the worse model. After writing, :func:`settle_alias` re-reads
 registry and repairs the alias until a read shows the best version holding it. A version
 whose model can no longer be read is never chosen, and a holder that lost its model gives
 the alias up to the best version that still loads.
+
+:func:`force_alias` moves the alias whatever the scores (a rollback, a manual promotion);
+versions that outrank its target are tagged ``demoted`` so that the next ``register`` does
+not hand the alias straight back. Every move is appended to the registered model's
+``alias_history`` tag (:func:`record_move`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from steps import tags
 from steps.artifacts import output_missing
@@ -24,6 +31,7 @@ from steps.runs import latest_finished_run, quote
 log = logging.getLogger("steps.register")
 
 COPIED_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
+HISTORY_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -34,15 +42,27 @@ class Candidate:
     model_uri: str = ""
 
 
-def candidates(client, name: str, metric: str) -> dict[int, Candidate]:
-    """Every version of ``name`` that carries ``metric`` and a data digest."""
+def candidates(client, name: str, metric: str, demoted: bool = False
+               ) -> dict[int, Candidate]:
+    """Every version of ``name`` that carries ``metric`` and a data digest; versions
+    demoted by a forced move only when ``demoted``."""
     found = {}
     for v in client.search_model_versions(f"name = {quote(name)}"):
-        if metric in v.tags and tags.VERSION_DATA_DIGEST in v.tags:
+        if metric in v.tags and tags.VERSION_DATA_DIGEST in v.tags and (
+                demoted or tags.VERSION_DEMOTED not in v.tags):
             found[int(v.version)] = Candidate(
                 int(v.version), float(v.tags[metric]), v.tags[tags.VERSION_DATA_DIGEST],
                 v.tags.get(tags.VERSION_MODEL_URI, v.source))
     return found
+
+
+def version_candidate(client, name: str, version: int, metric: str) -> Candidate:
+    """One version as a :class:`Candidate`, demoted or not."""
+    found = candidates(client, name, metric, demoted=True)
+    if version not in found:
+        raise StepError(f"{name} v{version} carries no {metric} and data digest (it was not "
+                        "registered by this pipeline); register it through evaluate first")
+    return found[version]
 
 
 def _rank(candidate: Candidate, metric: str) -> tuple:
@@ -64,9 +84,10 @@ def current_holder(client, name: str, alias: str) -> int | None:
         return None
 
 
-def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> str:
+def settle_alias(client, name: str, alias: str, metric: str, new: Candidate,
+                 run_id: str = "") -> str:
     """Point ``alias`` at the best loadable version on the holder's data; say what was
-    decided.
+    decided. Each write is recorded in the alias history with ``run_id``.
 
     Loops until one read finds the alias already on the best version: whichever pipeline
     writes last, its own final read repairs any stale write that raced with it.
@@ -98,7 +119,9 @@ def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> 
             raise StepError(f"no version of {name} can be loaded any more; nothing to point "
                             f"{alias} at")
         if holder is not None and holder.version == best.version:
-            return decision or _kept(alias, metric, holder, new)
+            return decision or _kept(alias, metric, holder, new, new.version not in pool)
+        # Stamped before the write: a writer that saw this write and repairs it stamps later.
+        when = _now()
         try:
             client.set_registered_model_alias(name, alias, str(best.version))
         except MlflowException as exc:
@@ -106,6 +129,8 @@ def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> 
             # key; the other write landed, so re-read and decide again.
             log.debug("alias write raced (%s); re-reading", exc)
         else:
+            record_move(client, name, alias, metric, holder, best, forced=False,
+                        run_id=run_id, when=when)
             before = "no holder"
             if holder is not None:
                 before = f"v{holder.version} ({holder.score:.4f})"
@@ -117,14 +142,130 @@ def settle_alias(client, name: str, alias: str, metric: str, new: Candidate) -> 
     raise StepError(f"could not settle alias {alias} of {name} after 20 attempts")
 
 
-def _kept(alias: str, metric: str, holder: Candidate, new: Candidate) -> str:
+def force_alias(client, name: str, alias: str, metric: str, target: Candidate,
+                run_id: str = "") -> str:
+    """Move ``alias`` to ``target`` whatever the scores; say what was done.
+
+    Versions on the target's data that outrank it are tagged demoted first, so that a
+    later ``register`` (or one racing with this) does not move the alias straight back;
+    the target itself is no longer demoted.
+    """
+    why_gone = output_missing(client, target.model_uri)
+    if why_gone:
+        raise StepError(f"cannot force {alias} onto {name} v{target.version}: its model cannot "
+                        f"be loaded ({why_gone})")
+    holder = candidates(client, name, metric, demoted=True).get(
+        current_holder(client, name, alias) or -1)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    demoted = []
+    for other in candidates(client, name, metric).values():
+        if other.digest == target.digest and _rank(other, metric) > _rank(target, metric):
+            client.set_model_version_tag(
+                name, str(other.version), tags.VERSION_DEMOTED,
+                f"outranked v{target.version}, which {alias} was forced onto at {stamp} by "
+                f"register run {run_id}; register with force=true to promote it again")
+            demoted.append(f"v{other.version}")
+    if tags.VERSION_DEMOTED in client.get_model_version(name, str(target.version)).tags:
+        client.delete_model_version_tag(name, str(target.version), tags.VERSION_DEMOTED)
+    when = _now()
+    for _ in range(5):  # a racing register could rewrite it from a read made before ours
+        client.set_registered_model_alias(name, alias, str(target.version))
+        time.sleep(0.2 + random.random() * 0.3)
+        if current_holder(client, name, alias) == target.version:
+            break
+    else:
+        raise StepError(f"could not hold {alias} of {name} on v{target.version}: another "
+                        "writer keeps moving it")
+    if holder is None or holder.version != target.version:
+        record_move(client, name, alias, metric, holder, target, forced=True, run_id=run_id,
+                    when=when)
+    before = f"v{holder.version} ({holder.score:.4f})" if holder else "no holder"
+    decision = (f"{alias} -> v{target.version} ({metric} {target.score:.4f}), was {before}; "
+                "forced (force=true), whatever the scores")
+    if demoted:
+        decision += f"; demoted {', '.join(demoted)}, which scored better on the same data"
+    return decision
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def record_move(client, name: str, alias: str, metric: str, holder: Candidate | None,
+                target: Candidate, forced: bool, run_id: str, when: str = "") -> dict:
+    """Append one alias move (made at ``when``, default now) to the registered model's
+    ``alias_history`` tag and return it.
+
+    The tag is last-writer-wins like the alias, so the write is checked the same way: the
+    entry is merged into what is there, written, and re-read after a jittered pause until
+    two reads in a row hold it; a racing writer that dropped it gets it merged back.
+    """
+    from mlflow.exceptions import MlflowException
+
+    move = {"alias": alias, "from_version": holder.version if holder else None,
+            "to_version": target.version, "metric": metric,
+            "from_score": holder.score if holder else None, "to_score": target.score,
+            "forced": forced, "register_run_id": run_id,
+            "time": when or _now()}
+    confirmed = 0
+    for _ in range(40):
+        history = alias_history(client, name)
+        if move in history:
+            confirmed += 1
+            if confirmed == 2:
+                return move
+        else:
+            confirmed = 0
+            merged = sorted([*history, move], key=lambda m: m.get("time", ""))[-HISTORY_LIMIT:]
+            try:
+                client.set_registered_model_tag(name, tags.ALIAS_HISTORY, json.dumps(merged))
+            except MlflowException as exc:  # two first writes collide on the unique key
+                log.debug("history write raced (%s); re-reading", exc)
+        time.sleep(0.1 + random.random() * 0.3)
+    raise StepError(f"could not record the move of {alias} in {name}'s {tags.ALIAS_HISTORY}")
+
+
+def alias_history(client, name: str) -> list[dict]:
+    """The registered model's alias moves, oldest first ([] when none or unreadable)."""
+    text = client.get_registered_model(name).tags.get(tags.ALIAS_HISTORY, "")
+    try:
+        history = json.loads(text) if text else []
+    except json.JSONDecodeError:
+        log.warning("register: %s's %s tag is not JSON; starting it again", name,
+                    tags.ALIAS_HISTORY)
+        return []
+    return history if isinstance(history, list) else []
+
+
+def _kept(alias: str, metric: str, holder: Candidate, new: Candidate,
+          new_demoted: bool = False) -> str:
     if holder.version == new.version:
         return f"{alias} already on v{new.version}"
+    if new_demoted:
+        return (f"{alias} stays on v{holder.version}: v{new.version} was demoted by a forced "
+                "move; register it with force=true to promote it")
     if holder.digest != new.digest:
         return (f"{alias} stays on v{holder.version}: it was scored on other data "
                 f"(digest {holder.digest}, new {new.digest}); not comparable")
     return (f"{alias} stays on v{holder.version} ({metric} {holder.score:.4f}); "
             f"v{new.version} scored {new.score:.4f}")
+
+
+def registered_version(client, name: str, model_uri: str) -> int | None:
+    """The version number ``model_uri`` names when it is ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>`` of ``name``; None for any other URI."""
+    from mlflow.exceptions import MlflowException
+
+    prefix = f"models:/{name}"
+    rest = model_uri[len(prefix):] if model_uri.startswith(prefix) else ""
+    if rest[:1] not in ("/", "@") or len(rest) < 2:
+        return None
+    try:
+        if rest[0] == "@":
+            return int(client.get_model_version_by_alias(name, rest[1:]).version)
+        return int(client.get_model_version(name, rest[1:]).version)
+    except (MlflowException, ValueError):
+        raise StepError(f"model_uri={model_uri!r}: {name} has no such version") from None
 
 
 def find_evaluation(client, experiment_id: str, model_uri: str):

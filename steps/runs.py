@@ -7,7 +7,11 @@ import contextlib
 import logging
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -28,6 +32,12 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
     """
     import mlflow
 
+    # Set by a launcher (`mlflow run`) that made the run; start_run removes it from os.environ.
+    launched_by = None if nested else os.environ.get("MLFLOW_RUN_ID")
+    if not nested:  # steps started at once on a new sqlite store: one creates its tables
+        from steps.server import prepare_store
+
+        prepare_store(mlflow.get_tracking_uri())
     run = mlflow.start_run(run_name=run_name, nested=nested)
     try:
         mlflow.set_tags({tags.STEP: step, **process_tags(), **extra_tags})
@@ -36,11 +46,54 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
+        if launched_by == run.info.run_id:
+            keep_killed_after_launcher(run.info.run_id)
         raise
     except BaseException:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+LAUNCHER_GRACE_S = 30
+
+
+def keep_killed_after_launcher(run_id: str) -> None:
+    """Keep a run its launcher started KILLED once the launcher has had its say.
+
+    MLflow 3.17's launcher (``mlflow run``, and ``mlflow.run`` inside ``main``) marks its run
+    FAILED after any non-zero exit, even one the step already ended KILLED:
+    ``mlflow.projects._maybe_set_run_terminated`` tests the status *string* with
+    ``RunStatus.is_terminated``, which expects an int, so it always overwrites. No project
+    code runs in a bare launcher, so a small detached process waits for that write and
+    puts KILLED back (public client calls only).
+    """
+    code = (f"from steps.runs import restore_status; "
+            f"restore_status({run_id!r}, 'KILLED', {os.getppid()})")
+    with contextlib.suppress(OSError):
+        subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, env=os.environ.copy(),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def restore_status(run_id: str, status: str, launcher_pid: int) -> None:
+    """Put ``status`` back on ``run_id`` when something overwrites it, until the launcher
+    process is gone (and a second longer) or :data:`LAUNCHER_GRACE_S` passed."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    end_time = client.get_run(run_id).info.end_time
+    deadline, gone_at = time.monotonic() + LAUNCHER_GRACE_S, None
+    while time.monotonic() < deadline:
+        if client.get_run(run_id).info.status != status:
+            client.set_terminated(run_id, status, end_time=end_time)
+            return
+        if gone_at is None and _process_gone(launcher_pid, ""):
+            gone_at = time.monotonic()
+        if gone_at is not None and time.monotonic() - gone_at > 1:
+            return
+        time.sleep(0.2)
 
 
 EXPERIMENT_DESCRIPTION = """\
@@ -115,6 +168,28 @@ def close_orphans(client, experiment_id: str) -> list[str]:
         log.warning("marked KILLED %d run(s) whose process is gone: %s", len(closed),
                     ", ".join(closed))
     return closed
+
+
+def log_dataset(x, y, name: str, context: str) -> None:
+    """Record a numpy split as an input of the active run (the UI's Dataset column).
+
+    Two runs logging the same new dataset at once collide on the store's unique key
+    (experiment, name, digest): the other insert landed, so one retry finds the row.
+    """
+    import mlflow
+    import mlflow.data
+    from mlflow.exceptions import MlflowException
+
+    from steps.core.data import dataset_digest
+
+    dataset = mlflow.data.from_numpy(x, targets=y, name=name, digest=dataset_digest(x, y))
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as exc:
+        if "UNIQUE" not in str(exc).upper() and "DUPLICATE" not in str(exc).upper():
+            raise
+        time.sleep(0.2)
+        mlflow.log_input(dataset, context=context)
 
 
 def log_cli_params(**overrides) -> dict:

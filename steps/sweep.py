@@ -12,6 +12,7 @@ from steps.fitting import fit_and_log
 from steps.runs import step_run
 
 VAL_FRACTION = 0.1
+TRIAL_RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's run, for every worker
 
 
 def search_space(trial) -> dict:
@@ -60,6 +61,7 @@ class Objective:
     def __init__(self, dataset, data_uri: str, epochs: int, seed: int) -> None:
         self.dataset, self.data_uri, self.epochs, self.seed = dataset, data_uri, epochs, seed
         self.best: BestTrial | None = None
+        self.trials_run = 0
 
     def __call__(self, trial) -> float:
         import mlflow
@@ -77,6 +79,8 @@ class Objective:
                 tags.OPTUNA_TRIAL: str(trial.number), tags.DATA_URI: self.data_uri,
                 tags.DATA_DIGEST: self.dataset.digest, tags.DATASET: self.dataset.name,
         }) as run:
+            self.trials_run += 1
+            trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
             mlflow.log_params({**params, "epochs": self.epochs, "seed": self.seed,
                                "data": self.data_uri})
             result = self._fit(trial, config)

@@ -16,6 +16,8 @@ RESOLVED_DEVICE = "pipeline.resolved_device"
 REGISTERED_VERSION = "pipeline.registered_version"
 ALIAS_DECISION = "pipeline.alias_decision"
 BEST_TRIAL_RUN = "pipeline.best_trial_run_id"
+STUDY_NAME = "pipeline.study_name"  # a tune run that joined a shared Optuna study
+STUDY_BEST_RUN = "pipeline.study_best_run_id"  # the study's best trial, any worker's
 OPTUNA_TRIAL = "optuna.trial"  # Optuna's own names, kept as Optuna users know them
 OPTUNA_STATE = "optuna.state"
 
@@ -38,6 +40,12 @@ VERSION_DATA_DIGEST = "data_digest"
 VERSION_DATASET = "dataset"
 VERSION_TRAIN_RUN = "train_run_id"
 VERSION_EVALUATE_RUN = "evaluate_run_id"
+# Set on versions that outranked the target of a forced alias move (a rollback): they no
+# longer compete for the alias until a forced move names them again.
+VERSION_DEMOTED = "demoted"
+
+# On the registered model: every alias move, a JSON list, newest last (steps/registry.py).
+ALIAS_HISTORY = "alias_history"
 
 # The alias that marks the best version; ``register`` moves it, ``evaluate`` and ``predict``
 # read it.

@@ -1,7 +1,8 @@
 """tune: an Optuna search over the training hyperparameters, every trial a nested run.
 
 Reads:  one download_data run's artifact, fetched (or reused from the step cache) once as a
-        child run and shared by every trial.
+        child run and shared by every trial; with ``--storage``, the Optuna study
+        ``--study-name`` in that storage, shared with every other ``tune`` pointed at it.
 Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``optimizer``,
         ``arch``, ``hidden``; per-epoch ``train_loss``, ``val_loss``, ``val_accuracy``;
         ``best_val_accuracy``; tag ``optuna.state`` COMPLETE or PRUNED; a diverging
@@ -11,7 +12,13 @@ Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``opti
         figures ``optimization_history.png`` and ``param_importances.png``;
         the best trial's models (``model`` and ``classifier``) in the best trial's run;
         tags ``pipeline.model_uri`` (best classifier), ``pipeline.best_trial_run_id``,
-        ``pipeline.data_uri``.
+        ``pipeline.data_uri``; with a shared study, ``pipeline.study_name`` and the study's
+        best over all workers as ``study_best_val_accuracy`` and ``pipeline.study_best_run_id``.
+
+Scaling out: several ``tune`` processes, on one machine or many, given the same
+``--storage`` (an Optuna RDB URL: ``postgresql+psycopg2://...``, ``sqlite:///...``) and
+``--study-name`` share one study through Optuna's own storage; each runs ``--trials``
+trials as nested runs of its own ``tune`` run, and every trial number is distinct.
 
 Why Optuna and not the tutorials' hyperopt: Optuna is actively maintained, prunes hopeless
 trials from their per-epoch reports (hyperopt cannot), and its define-by-run API expresses
@@ -28,7 +35,8 @@ import click
 from steps import options, tags
 from steps.artifacts import load_data_artifact, log_models
 from steps.cache import Pipeline
-from steps.cli import StepError, run_cli
+from steps.cli import StepError, first_line, run_cli
+from steps.redact import redact
 from steps.runs import (
     absolutize_tracking_uri,
     describe_experiment,
@@ -37,7 +45,7 @@ from steps.runs import (
     step_run,
 )
 from steps.server import check_tracking_server
-from steps.sweep import Objective, log_sweep_summary
+from steps.sweep import TRIAL_RUN_ATTR, Objective, log_sweep_summary
 
 log = logging.getLogger("steps.tune")
 
@@ -51,8 +59,12 @@ log = logging.getLogger("steps.tune")
               help="Stop starting trials after this many seconds (0 = no limit).")
 @options.SEED()
 @options.MODEL_NAME()
+@click.option("--storage", default="",
+              help="Optuna storage URL shared by several tune processes (empty = in memory).")
+@click.option("--study-name", default="",
+              help="Study to create or join in the storage (empty = tune-<dataset>).")
 def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, seed: int,
-        model_name: str) -> None:
+        model_name: str, storage: str, study_name: str) -> None:
     """Search hyperparameters with Optuna; log the best trial's model."""
     import mlflow
     import optuna
@@ -60,6 +72,11 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
     absolutize_tracking_uri()
     check_tracking_server()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if study_name and not storage:
+        raise StepError("study_name is only used with storage (a study in memory is not "
+                        "shared); pass storage too, or leave study_name empty")
+    shared = open_storage(storage)
+    study_name = study_name or (f"tune-{dataset}" if storage else "")
     with step_run("tune", run_name=f"tune {dataset} {trials} trials e{epochs}") as parent:
         describe_experiment(parent.info.experiment_id)
         log_cli_params()
@@ -69,10 +86,15 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
         mlflow.set_tag(tags.DATA_URI, data_uri)
         objective = Objective(load_data_artifact(data_uri), data_uri, epochs, seed)
         study = optuna.create_study(
-            direction="maximize", study_name=f"tune-{parent.info.run_id}",
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            direction="maximize", study_name=study_name or f"tune-{parent.info.run_id}",
+            storage=shared, load_if_exists=True,
+            # Workers of one study must not all draw the same first trials.
+            sampler=optuna.samplers.TPESampler(
+                seed=seed if shared is None else worker_seed(seed, parent.info.run_id)),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
         )
+        if shared is not None:
+            mlflow.set_tag(tags.STUDY_NAME, study.study_name)
         # A diverging trial (StepError) is a FAILED run and a failed trial, not a failed sweep.
         study.optimize(objective, n_trials=trials, timeout=timeout or None,
                        catch=(StepError,), gc_after_trial=False)
@@ -85,17 +107,59 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
                                    best.example)
         best_params = log_sweep_summary(study)
         mlflow.set_tags({tags.MODEL_URI: model_uri, tags.BEST_TRIAL_RUN: best.run_id})
+        if shared is not None:
+            study_best = study.best_trial
+            mlflow.log_metric("study_best_val_accuracy", study_best.value)
+            mlflow.set_tag(tags.STUDY_BEST_RUN, study_best.user_attrs.get(TRIAL_RUN_ATTR, ""))
+            log.info("tune: study %s (shared): %d trials over all workers, best val_accuracy "
+                     "%.4f in trial %d (run %s); this worker ran %d", study.study_name,
+                     len(study.trials), study_best.value, study_best.number,
+                     study_best.user_attrs.get(TRIAL_RUN_ATTR, "?"), objective.trials_run)
         pruned = sum(t.state.name == "PRUNED" for t in study.trials)
         as_params = " ".join(f"-P {k}={v}" for k, v in best_params.items())
         log.info(
             "tune: %d trials (%d pruned), best val_accuracy %.4f: %s\n"
-            "  best model: %s\n"
+            "  best model (this process's best trial, run %s): %s\n"
             "  register it:  mlflow run . -e evaluate --env-manager local -P model_uri=%s "
             "&& mlflow run . -e register --env-manager local -P model_uri=%s\n"
             "  or retrain it through the pipeline:  mlflow run . --env-manager local %s\n  %s",
-            len(study.trials), pruned, study.best_value, best_params, model_uri,
-            model_uri, model_uri, as_params, run_link(parent),
+            len(study.trials), pruned, study.best_value, best_params, best.run_id,
+            model_uri, model_uri, model_uri, as_params, run_link(parent),
         )
+
+
+def open_storage(storage: str):
+    """Optuna's RDB storage for ``storage``, or None for an in-memory study; a URL that
+    cannot be opened is refused naming the parameter."""
+    if not storage:
+        return None
+    import random
+    import time
+
+    import optuna
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(storage)
+        except DBAPIError as exc:
+            # Workers started together on a new database race to create Optuna's tables
+            # (a unique violation in PostgreSQL's catalog); the loser finds them next time.
+            error = exc
+            time.sleep(0.5 + random.random() * (attempt + 1))
+        except Exception as exc:  # a malformed URL, an unknown dialect or driver
+            error = exc
+            break
+    raise StepError(f"storage={redact(storage)!r} cannot be opened as an Optuna storage "
+                    f"({first_line(error)}); pass e.g. sqlite:///optuna.db or "
+                    "postgresql+psycopg2://user@host/db") from None
+
+
+def worker_seed(seed: int, run_id: str) -> int:
+    """A sampler seed per worker: reproducible from the run, different across workers."""
+    import zlib
+
+    return zlib.crc32(f"{seed}:{run_id}".encode())
 
 
 if __name__ == "__main__":

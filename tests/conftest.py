@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -89,6 +92,16 @@ def mlflow_run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedP
         capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env),
         cwd=os.getcwd(),
     )
+
+
+def run_entry(entry_point: str, **params):
+    """Run one entry point through the real ``mlflow.run`` (in-process launcher, local env)
+    on the current store; return its finished run."""
+    import mlflow
+
+    submitted = mlflow.run(str(PROJECT_DIR), entry_point, parameters=params,
+                           env_manager="local", synchronous=True)
+    return mlflow.MlflowClient().get_run(submitted.run_id)
 
 
 def copy_project(dest: Path) -> Path:
@@ -239,3 +252,43 @@ class TrackingServer:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if found:
+        return Path(found[-1]).parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+@pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (run as user postgres when we are root)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's package)")
+    # Not under tmp_path: pytest's base temp dir is private to root, and the cluster runs
+    # as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="mnist-pipeline-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*cmd: str) -> None:
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
+
+    run(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
+        "--auth=trust")
+    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+            "mlflow")
+        # +psycopg2: the pinned driver (SQLAlchemy 2.1 would otherwise look for psycopg 3).
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -79,8 +79,10 @@ def test_resolve_device_refuses_what_is_not_there(monkeypatch, device, message):
 
 @pytest.fixture(scope="module")
 def tiny_split():
+    """(images, labels, train indices, validation indices): a shuffled 500/100 split."""
     x, y = tiny_images(600, seed=3)
-    return x[:500], y[:500], x[500:], y[500:]
+    order = np.random.default_rng(0).permutation(600)
+    return x, y, order[:500], order[500:]
 
 
 def test_train_learns_and_returns_the_best_epoch(tiny_split):
@@ -92,7 +94,8 @@ def test_train_learns_and_returns_the_best_epoch(tiny_split):
     assert result.best_val_accuracy == max(e.val_accuracy for e in seen) > 0.5
     assert result.history[result.best_epoch - 1].val_accuracy == result.best_val_accuracy
     # The returned model really holds the best epoch's weights.
-    x_val, y_val = training.to_device_tensors(tiny_split[2], tiny_split[3], torch.device("cpu"))
+    x, y, _, val_idx = tiny_split
+    x_val, y_val = training.to_device_tensors(x[val_idx], y[val_idx], torch.device("cpu"))
     _, acc = training.loss_and_accuracy(training.predict_logits(result.model, x_val), y_val)
     assert acc == pytest.approx(result.best_val_accuracy, abs=1e-6)
     assert not result.model.training
@@ -114,6 +117,20 @@ def test_train_is_reproducible_with_a_seed(tiny_split):
     first = training.train(config, *tiny_split).history[0]
     second = training.train(config, *tiny_split).history[0]
     assert first.train_loss == second.train_loss and first.val_accuracy == second.val_accuracy
+
+
+def test_index_sets_train_exactly_like_copies_of_the_split(tiny_split):
+    """Training on index sets into one array is the same computation as training on copies
+    of the two splits (what the loop did before it stopped copying)."""
+    x, y, train_idx, val_idx = tiny_split
+    config = training.TrainConfig(epochs=2, batch_size=32, seed=1, device="cpu")
+    by_index = training.train(config, x, y, train_idx, val_idx).history
+    copies = np.concatenate([x[train_idx], x[val_idx]]), np.concatenate([y[train_idx],
+                                                                            y[val_idx]])
+    n = len(train_idx)
+    by_copy = training.train(config, *copies, np.arange(n), np.arange(n, len(x))).history
+    assert [(e.train_loss, e.val_loss, e.val_accuracy) for e in by_index] == [
+        (e.train_loss, e.val_loss, e.val_accuracy) for e in by_copy]
 
 
 def test_train_reports_divergence(tiny_split):
@@ -226,3 +243,18 @@ def test_fused_optimizers_take_the_same_steps_as_the_reference(name):
         return torch.cat([p.detach().flatten() for p in net.parameters()])
 
     torch.testing.assert_close(run(fused=True), run(fused=False), atol=1e-5, rtol=1e-4)
+
+
+def test_compare_predictions_counts_per_class_and_the_disagreements():
+    from steps.core.metrics import compare_predictions
+
+    y = np.array([0, 0, 1, 1, 2])
+    holder = np.array([0, 1, 1, 1, 0])
+    challenger = np.array([0, 0, 0, 1, 2])
+    comparison = compare_predictions(y, holder, challenger, ["a", "b", "c"])
+    assert [(r["holder_accuracy"], r["challenger_accuracy"]) for r in comparison.rows] == [
+        (0.5, 1.0), (1.0, 0.5), (0.0, 1.0)]
+    assert comparison.only_holder_right.tolist() == [2]
+    assert comparison.only_challenger_right.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="different lengths"):
+        compare_predictions(y, holder[:3], challenger, ["a", "b", "c"])

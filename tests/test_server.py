@@ -4,11 +4,8 @@ Also: a relative sqlite URI keeps every child run in the same store as ``main``.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -19,7 +16,6 @@ from conftest import (
     VENV_BIN,
     TrackingServer,
     copy_project,
-    free_port,
     mlflow_run,
     subprocess_env,
 )
@@ -65,46 +61,6 @@ def test_pipeline_against_a_sqlite_server_with_proxied_artifacts(tmp_path, use_s
         assert f"{server.url}/#/experiments/0/runs/" in result.stderr
     finally:
         server.stop()
-
-
-def _postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if found:
-        return Path(found[-1]).parent
-    pg_ctl = shutil.which("pg_ctl")
-    return Path(pg_ctl).parent if pg_ctl else None
-
-
-@pytest.fixture
-def postgres():
-    """A throw-away PostgreSQL cluster on 127.0.0.1 (run as user postgres when we are root)."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's package)")
-    # Not under tmp_path: pytest's base temp dir is private to root, and the cluster runs
-    # as the postgres user.
-    root = Path(tempfile.mkdtemp(prefix="mnist-pipeline-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-
-    def run(*cmd: str) -> None:
-        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
-
-    run(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
-        "--auth=trust")
-    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
-        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
-    try:
-        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-            "mlflow")
-        # +psycopg2: the pinned driver (SQLAlchemy 2.1 would otherwise look for psycopg 3).
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_pipelines_at_once_on_postgres_leave_the_alias_on_the_better(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROJECT_DIR, run_step, temporary_store, write_idx_folder
+from conftest import run_entry, run_step, temporary_store, write_idx_folder
 from steps import tags
 
 pytestmark = pytest.mark.slow
@@ -28,12 +28,6 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     with temporary_store(root) as uri:
         yield {"root": root, "uri": uri}
-
-
-def run_entry(entry_point: str, **params):
-    submitted = mlflow.run(str(PROJECT_DIR), entry_point, parameters=params,
-                           env_manager="local", synchronous=True)
-    return mlflow.MlflowClient().get_run(submitted.run_id)
 
 
 @pytest.fixture(scope="module")

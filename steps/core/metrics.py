@@ -65,3 +65,33 @@ def evaluate_predictions(
         accuracy=float((predictions == y_true).mean()), loss=loss, confusion=cm,
         precision=precision, recall=recall, f1=f1, support=support, predictions=predictions,
     )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two models' predictions on the same labelled images."""
+
+    rows: list[dict]  # per class: support and each model's accuracy
+    only_holder_right: np.ndarray  # indices of images the holder gets right, the challenger not
+    only_challenger_right: np.ndarray
+
+
+def compare_predictions(y_true: np.ndarray, holder: np.ndarray, challenger: np.ndarray,
+                        class_names: list[str]) -> Comparison:
+    """Per-class accuracy of two models on the same images, and where exactly one is right."""
+    y_true, holder, challenger = (np.asarray(a, dtype=np.int64)
+                                  for a in (y_true, holder, challenger))
+    if not len(y_true) == len(holder) == len(challenger):
+        raise ValueError(f"predictions of different lengths: {len(y_true)} labels, "
+                         f"{len(holder)} holder, {len(challenger)} challenger")
+    holder_right, challenger_right = holder == y_true, challenger == y_true
+    rows = []
+    for k, name in enumerate(class_names):
+        mask = y_true == k
+        n = int(mask.sum())
+        a = float(holder_right[mask].mean()) if n else 0.0
+        b = float(challenger_right[mask].mean()) if n else 0.0
+        rows.append({"class": k, "name": name, "support": n, "holder_accuracy": round(a, 4),
+                     "challenger_accuracy": round(b, 4), "difference": round(b - a, 4)})
+    return Comparison(rows, np.flatnonzero(holder_right & ~challenger_right),
+                      np.flatnonzero(challenger_right & ~holder_right))

@@ -41,6 +41,30 @@ def confusion_matrix_figure(
     return fig
 
 
+CELL, LABEL_H = 28 + 4, 18  # mosaic pixels per digit (with a margin) and per label line
+
+
+def _digit_mosaic(ax, images: np.ndarray, indices: np.ndarray, labels: list[str],
+                  cols: int) -> None:
+    """Draw ``images[indices]`` on ``ax`` as one image with a text label over each digit.
+
+    One mosaic with text rather than one axes per digit: a figure with dozens of axes
+    takes seconds to render, and these are drawn on every pipeline.
+    """
+    rows = max(1, int(np.ceil(len(indices) / cols)))
+    mosaic = np.full((rows * (CELL + LABEL_H), cols * CELL), 255, dtype=np.uint8)
+    for k, i in enumerate(indices):
+        r, c = divmod(k, cols)
+        top = r * (CELL + LABEL_H) + LABEL_H
+        mosaic[top + 2 : top + 30, c * CELL + 2 : c * CELL + 30] = 255 - images[i].reshape(28, 28)
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    for k, label in enumerate(labels):
+        r, c = divmod(k, cols)
+        ax.text(c * CELL + CELL / 2, r * (CELL + LABEL_H) + LABEL_H - 1, label,
+                ha="center", va="bottom", fontsize=7, color="firebrick")
+
+
 def misclassified_figure(
     images: np.ndarray,
     y_true: np.ndarray,
@@ -50,35 +74,61 @@ def misclassified_figure(
     max_images: int = 36,
     cols: int = 6,
 ) -> Figure:
-    """A grid of the most confidently wrong predictions, labelled true -> predicted.
-
-    Drawn as one mosaic image with text labels rather than one axes per digit: a figure
-    with dozens of axes takes seconds to render, and evaluate runs on every pipeline.
-    """
+    """A grid of the most confidently wrong predictions, labelled true -> predicted."""
     wrong = np.flatnonzero(y_true != y_pred)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_images]
     rows = max(1, int(np.ceil(len(wrong) / cols)))
-    cell, label_h = 28 + 4, 18  # pixels per digit (with a margin) and per label line
-    mosaic = np.full((rows * (cell + label_h), cols * cell), 255, dtype=np.uint8)
-    for k, i in enumerate(wrong):
-        r, c = divmod(k, cols)
-        top = r * (cell + label_h) + label_h
-        mosaic[top + 2 : top + 30, c * cell + 2 : c * cell + 30] = 255 - images[i].reshape(28, 28)
     fig = Figure(figsize=(cols * 1.5, rows * 1.5 + 0.6), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    ax.axis("off")
+    _digit_mosaic(ax, images, wrong, [
+        f"{class_names[y_true[i]]} / {class_names[y_pred[i]]} {confidence[i]:.0%}"
+        for i in wrong], cols)
     ax.set_title(
         f"Misclassified: {int((y_true != y_pred).sum())} of {len(y_true)} test images "
         "(most confident mistakes first; true / predicted, confidence)"
         if len(wrong) else "no misclassified images",
         fontsize=10,
     )
-    for k, i in enumerate(wrong):
-        r, c = divmod(k, cols)
-        ax.text(c * cell + cell / 2, r * (cell + label_h) + label_h - 1,
-                f"{class_names[y_true[i]]} / {class_names[y_pred[i]]} {confidence[i]:.0%}",
-                ha="center", va="bottom", fontsize=7, color="firebrick")
+    return fig
+
+
+def class_accuracy_comparison_figure(rows: list[dict], holder: str, challenger: str) -> Figure:
+    """Grouped bars: each class's accuracy under the holder and under the challenger."""
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    a = [r["holder_accuracy"] for r in rows]
+    b = [r["challenger_accuracy"] for r in rows]
+    ax.bar(x - 0.2, a, 0.4, label=f"holder {holder}", color="tab:gray")
+    ax.bar(x + 0.2, b, 0.4, label=f"challenger {challenger}", color="tab:blue")
+    ax.set_xticks(x, [str(r["name"]) for r in rows])
+    low = min([*a, *b, 1.0])
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlabel("true class")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Per-class accuracy on the same test images: {holder} vs {challenger}")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def disagreements_figure(images: np.ndarray, y_true: np.ndarray, holder_pred: np.ndarray,
+                         challenger_pred: np.ndarray, only_holder_right: np.ndarray,
+                         only_challenger_right: np.ndarray, class_names: list[str],
+                         holder: str, challenger: str, max_images: int = 18,
+                         cols: int = 6) -> Figure:
+    """Two grids: images only the holder gets right, and images only the challenger does;
+    each labelled true / the other model's (wrong) answer."""
+    fig = Figure(figsize=(cols * 1.5, 2 * (max_images // cols) * 1.5 + 1.2),
+                 layout="constrained")
+    panels = ((only_holder_right, challenger_pred, f"{holder} right, {challenger} wrong"),
+              (only_challenger_right, holder_pred, f"{challenger} right, {holder} wrong"))
+    for k, (indices, wrong_pred, title) in enumerate(panels):
+        ax = fig.add_subplot(2, 1, k + 1)
+        shown = indices[:max_images]
+        _digit_mosaic(ax, images, shown, [
+            f"{class_names[y_true[i]]} / {class_names[wrong_pred[i]]}" for i in shown], cols)
+        ax.set_title(f"{title}: {len(indices)} images (true / wrong answer)"
+                     if len(indices) else f"{title}: none", fontsize=10)
     return fig
 
 

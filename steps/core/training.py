@@ -1,8 +1,11 @@
 """The training loop: in-memory tensors, index slicing, one readable function.
 
-The whole split is moved to the device once as a float32 tensor; each batch is a gather by a
-shuffled index. No Dataset/DataLoader and no per-sample Python work: for a model this small
-the data path, not the arithmetic, is what an epoch costs.
+The images stay what they are on disk, uint8, and are placed on the device once (on the CPU
+without a copy); each batch is a gather by a shuffled index, converted to float32 there.
+Train and validation are index sets into that one array, not copies of it. So memory grows
+with the data by about one byte per pixel, and no Dataset/DataLoader or per-sample Python
+work sits in the loop: for a model this small the data path, not the arithmetic, is what an
+epoch costs.
 """
 
 from __future__ import annotations
@@ -94,19 +97,25 @@ def make_optimizer(name: str, params, lr: float, device: torch.device) -> torch.
 def to_device_tensors(
     x: np.ndarray, y: np.ndarray, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw uint8 images -> one float32 tensor on ``device`` (converted once, not per batch)."""
+    """Images (kept in their dtype, uint8 for raw pixels) and int64 labels on ``device``;
+    on the CPU the images share the array's memory."""
     return (
-        torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=torch.float32),
-        torch.from_numpy(np.ascontiguousarray(y)).to(device=device, dtype=torch.long),
+        torch.from_numpy(np.ascontiguousarray(x)).to(device),
+        torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device),
     )
 
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, x: torch.Tensor, batch_size: int = 2048
+    model: nn.Module, x: torch.Tensor, ids: torch.Tensor | None = None,
+    batch_size: int = 2048,
 ) -> torch.Tensor:
+    """Logits for ``x[ids]`` (all of ``x`` when ``ids`` is None), a chunk at a time, so
+    that only a chunk is ever float32."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    ids = torch.arange(len(x), device=x.device) if ids is None else ids
+    return torch.cat([model(x[ids[i : i + batch_size]].float())
+                      for i in range(0, len(ids), batch_size)])
 
 
 def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -117,14 +126,15 @@ def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
 
 def train(
     config: TrainConfig,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    images: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Train a fresh ``config.arch`` network and return it with the best epoch's weights.
+    """Train a fresh ``config.arch`` network on ``images[train_idx]``, validate on
+    ``images[val_idx]``, and return it with the best epoch's weights.
 
     ``on_epoch_end`` sees each epoch's result (the scripts log it; a tuner may raise there
     to prune a trial). ``progress`` shows epoch and batch progress bars instead of a log
@@ -136,10 +146,12 @@ def train(
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
                                device)
     loss_fn = nn.CrossEntropyLoss()
-    xt, yt = to_device_tensors(x_train, y_train, device)
-    xv, yv = to_device_tensors(x_val, y_val, device)
+    x, y = to_device_tensors(images, labels, device)
+    train_ids = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
+    val_ids = torch.from_numpy(np.asarray(val_idx, dtype=np.int64)).to(device)
+    yv = y[val_ids]
     shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
-    n = len(yt)
+    n = len(train_ids)
 
     result = TrainResult(model=model, device=str(device))
     best_state = None
@@ -151,7 +163,7 @@ def train(
     for epoch in epochs:
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(n, generator=shuffle).to(device)
+        order = train_ids[torch.randperm(n, generator=shuffle).to(device)]
         # Summed on the device: a .item() per batch would sync a GPU every step.
         loss_sum = torch.zeros((), device=device)
         batches = range(0, n, config.batch_size)
@@ -160,7 +172,7 @@ def train(
                            leave=False, position=1)
         for start in batches:
             idx = order[start : start + config.batch_size]
-            xb, yb = xt[idx], yt[idx]
+            xb, yb = x[idx].float(), y[idx]
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
@@ -172,7 +184,7 @@ def train(
                 f"training diverged at epoch {epoch} (loss is {train_loss}); "
                 "lower learning_rate"
             )
-        val_loss, val_acc = loss_and_accuracy(predict_logits(model, xv), yv)
+        val_loss, val_acc = loss_and_accuracy(predict_logits(model, x, val_ids), yv)
         epoch_result = EpochResult(
             epoch, train_loss, val_loss, val_acc, time.perf_counter() - started
         )
