@@ -105,6 +105,10 @@ def run_cli(command: click.Command, args: list[str] | None = None,
             click.echo(redact(traceback.format_exc()), err=True, nl=False)
         code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
                      f"(set {DEBUG_ENV}=1 for the traceback)", 1)
+    # Exiting already, with the run closed: a late signal (a launcher stopping the rest of
+    # a job) must not turn the exit handlers into a traceback.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     if fast_exit:
         atexit._run_exitfuncs()
         logging.shutdown()
@@ -127,6 +131,10 @@ def _click_message(exc: click.ClickException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # A rank of a data-parallel job: its launcher prints the line of the rank that
+        # failed first (steps.distributed), not one per rank.
+        return code
     click.echo(f"error: {redact(message)}", err=True)
     return code
 

@@ -24,7 +24,8 @@ import click
 
 from steps import options, tags
 from steps.cache import Pipeline
-from steps.cli import run_cli
+from steps.cli import StepError, run_cli
+from steps.distributed import ScaleOut
 from steps.runs import (
     absolutize_tracking_uri,
     describe_experiment,
@@ -45,16 +46,21 @@ def run_name(dataset: str, arch: str, epochs: int, learning_rate: float) -> str:
 @options.DATASET()
 @options.DATA_DIR()
 @options.training_options
+@options.WORKERS()
 @options.MODEL_NAME()
 @click.option("--use-cache", type=click.BOOL, default=True, show_default=True,
               help="Reuse finished steps with identical inputs and code.")
 def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_size: int,
-        optimizer: str, arch: str, hidden: str, seed: int, model_name: str,
+        optimizer: str, arch: str, hidden: str, seed: int, workers: int, model_name: str,
         use_cache: bool) -> None:
     """Run the whole pipeline: download_data, train, evaluate, register."""
     import mlflow
 
     options.check_model_fits(arch, hidden, batch_size)
+    try:  # before any download: train would refuse it only after
+        ScaleOut(workers=workers).check(batch_size)
+    except ValueError as exc:
+        raise StepError(str(exc)) from None
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
     absolutize_tracking_uri()
@@ -68,7 +74,7 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
         data_uri = data_run.data.tags[tags.DATA_URI]
         train_params = {name: params[name] for name in
                         ("epochs", "learning_rate", "batch_size", "optimizer", "arch",
-                         "hidden", "seed")}
+                         "hidden", "seed", "workers")}
         train_run = pipeline.step("train", {"data": data_uri, **train_params},
                                   {"download_data": data_run})
         model_uri = train_run.data.tags[tags.MODEL_URI]

@@ -76,6 +76,15 @@ SEED = _option("--seed", type=click.IntRange(0, SEED_MAX), default=42)
 VAL_FRACTION = _option("--val-fraction",
                        type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
 DEVICE = _option("--device", type=click.Choice(DEVICES), default="auto")
+WORKERS = _option("--workers", type=click.IntRange(min=1), default=1,
+                  help="Data-parallel processes on this machine (one per GPU on CUDA); "
+                       "batch_size stays the global batch.")
+NODES = _option("--nodes", type=click.IntRange(min=1), default=1,
+                help="Machines in the job (each runs --workers processes).")
+NODE_RANK = _option("--node-rank", type=click.IntRange(min=0), default=0,
+                    help="This machine's place in the job; node 0 owns the MLflow run.")
+RDZV_ENDPOINT = _option("--rdzv-endpoint", default="",
+                        help="host:port of node 0's rendezvous (nodes > 1 only).")
 MODEL_NAME = _option("--model-name", default="mnist-classifier", callback=_check_model_name,
                      help="Registered model name.")
 MODEL_URI = _option("--model-uri", default="", help="A logged or registered model's URI.")

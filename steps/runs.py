@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from steps import tags
-from steps.cli import StepError
+from steps.cli import StepError, first_line
 from steps.redact import redact
 
 log = logging.getLogger("steps")
@@ -44,15 +44,27 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
         if not nested:
             close_orphans(mlflow.MlflowClient(), run.info.experiment_id)
         yield run
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        _note_ending(f"interrupted ({first_line(exc) or 'Ctrl-C'})")
         mlflow.end_run("KILLED")
         if launched_by == run.info.run_id:
             keep_killed_after_launcher(run.info.run_id)
         raise
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, StepError):  # not an unreachable store: that costs a retry budget
+            _note_ending(first_line(exc))
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def _note_ending(reason: str) -> None:
+    """The one line a failed or killed run ended with, on the run itself (best effort: the
+    store may be what failed)."""
+    import mlflow
+
+    with contextlib.suppress(Exception):
+        mlflow.set_tag(tags.ENDED_BECAUSE, redact(reason)[:500])
 
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]

@@ -14,20 +14,27 @@ Writes: params (every option, plus the resolved data URI);
         tags ``pipeline.step``, ``pipeline.data_uri``, ``pipeline.data_digest``,
         ``pipeline.dataset``, ``pipeline.resolved_device``, ``pipeline.model_uri`` (the
         classifier), ``pipeline.network_uri`` (the pt2 network).
+
+Scale-out (``steps/distributed.py``): ``--workers N`` trains with N data-parallel processes
+started by torch's elastic launcher, ``batch_size`` staying the global batch; with
+``--nodes M --node-rank R --rdzv-endpoint host:port`` the job spans M machines. One run
+either way, owned by this process on node 0; global rank 0 logs into it. Other nodes run
+``python -m steps.train --workers N --nodes M --node-rank R --rdzv-endpoint host:port``,
+which creates no run and needs no tracking server: data and settings come from node 0.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
-from steps import options, tags
-from steps.artifacts import load_data_artifact, log_models
+from steps import distributed, options
 from steps.cli import StepError, run_cli
 from steps.core.choices import parse_hidden
-from steps.fitting import fit_and_log
-from steps.runs import latest_finished_run, log_cli_params, run_link, step_run
+from steps.fitting import train_replica, train_tracked
+from steps.runs import latest_finished_run, log_cli_params, step_run
 
 log = logging.getLogger("steps.train")
 
@@ -37,18 +44,52 @@ log = logging.getLogger("steps.train")
 @options.training_options
 @options.VAL_FRACTION()
 @options.DEVICE()
+@options.WORKERS()
+@options.NODES()
+@options.NODE_RANK()
+@options.RDZV_ENDPOINT()
 def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer: str,
-        arch: str, hidden: str, val_fraction: float, seed: int, device: str) -> None:
+        arch: str, hidden: str, val_fraction: float, seed: int, device: str, workers: int,
+        nodes: int, node_rank: int, rdzv_endpoint: str) -> None:
     """Train ARCH on the data artifact and log the best epoch's model."""
     import mlflow
 
     from steps.core.training import TrainConfig, resolve_device
 
+    scale = distributed.ScaleOut(workers, nodes, node_rank, rdzv_endpoint)
+    try:
+        scale.check(batch_size)
+    except ValueError as exc:
+        raise StepError(str(exc)) from None
     options.check_model_fits(arch, hidden, batch_size)
+    config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                         optimizer=optimizer, arch=arch, hidden=parse_hidden(hidden),
+                         seed=seed, device=device)
+    replica = distributed.launched_rank()
+    if replica is not None:  # one rank of a job our launcher started
+        try:
+            if replica.rank == 0:
+                with mlflow.start_run(run_id=distributed.rank_run_id()) as run:
+                    train_tracked(run, data, config, val_fraction,
+                                  str(resolve_device(device)), replica)
+            else:
+                train_replica(replica)
+        except BaseException as exc:
+            distributed.report_failure(exc)
+            raise
+        finally:
+            distributed.leave()
+        return
+    if node_rank > 0:  # a worker node: its ranks train, node 0 holds the run
+        log.info("train: node %d of %d joining %s with %d worker(s); data and settings "
+                 "come from node 0", node_rank, nodes, rdzv_endpoint, workers)
+        distributed.launch(scale, sys.argv[1:])
+        return
     with step_run("train") as run:
-        # The cheap check first: no data is fetched for a device that is not there.
+        # The cheap checks first: no data is fetched for a device that is not there.
         try:
             resolved_device = str(resolve_device(device))
+            scale.check_devices(resolved_device)
         except ValueError as exc:
             raise StepError(str(exc)) from None
         if not data:
@@ -60,21 +101,12 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                     "run `mlflow run . -e download_data` first or pass data=runs:/<id>/data"
                 )
             data = f"runs:/{upstream.info.run_id}/data"
-        dataset = load_data_artifact(data)
-        config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                             optimizer=optimizer, arch=arch, hidden=parse_hidden(hidden),
-                             seed=seed, device=device)
         log_cli_params(data=data)
-        mlflow.set_tags({tags.DATA_URI: data, tags.DATA_DIGEST: dataset.digest,
-                         tags.DATASET: dataset.name, tags.RESOLVED_DEVICE: resolved_device})
-        result = fit_and_log(config, dataset, val_fraction)
-        model_uri = log_models(result.model, arch, config.hidden, dataset.x_test[:2])
-        log.info(
-            "train: %s on %s (%d epochs, %s): best val_accuracy %.4f at epoch %d\n"
-            "  model: %s\n  %s",
-            arch, dataset.name, epochs, resolved_device, result.best_val_accuracy,
-            result.best_epoch, model_uri, run_link(run),
-        )
+        if scale.distributed:
+            # The ranks train and log; this process waits, and ends the run for them.
+            distributed.launch(scale, [*sys.argv[1:], "--data", data], run.info.run_id)
+        else:
+            train_tracked(run, data, config, val_fraction, resolved_device)
 
 
 if __name__ == "__main__":

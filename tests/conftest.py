@@ -208,11 +208,17 @@ def wait_for_training(timeout: float = 120, step: str = "train") -> None:
     raise AssertionError(f"no {step} run reached its first epoch in {timeout}s")
 
 
+def _default_interrupts() -> None:
+    # A background job of a non-interactive shell starts with SIGINT ignored, and children
+    # inherit that: without this a Ctrl-C test would prove nothing there.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cmd: list[str]) -> subprocess.Popen:
     # A session of its own, so the test can signal the whole group like a terminal does.
     return subprocess.Popen(cmd, env=subprocess_env(), cwd=os.getcwd(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_interrupts)
 
 
 def assert_group_gone(pgid: int, timeout: float = 30) -> None:

@@ -110,9 +110,24 @@ CASES = [
     ("train", ["--hidden", "400000000,10"], ["hidden", "GiB", "this machine has"]),
     ("main", ["--hidden", "400000000,10", "--dataset", "digits"], ["hidden", "GiB"]),
     ("train", ["--arch", "cnn", "--hidden", "100000,100000"], ["hidden", "GiB"]),
+    # Scale-out: refused before any process starts.
+    ("train", ["--workers", "0"], ["workers", ">=1"]),
+    ("train", ["--workers", "3"], ["batch_size=64", "not divisible", "workers=3"]),
+    ("train", ["--workers", "2", "--nodes", "3", "--rdzv-endpoint", "127.0.0.1:29500"],
+     ["batch_size=64", "workers*nodes=6"]),
+    ("main", ["--workers", "3", "--dataset", "digits"], ["batch_size=64", "workers=3"]),
+    ("train", ["--nodes", "2"], ["nodes=2", "rdzv_endpoint"]),
+    ("train", ["--rdzv-endpoint", "127.0.0.1:29500"], ["rdzv_endpoint", "nodes > 1"]),
+    ("train", ["--nodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"],
+     ["node_rank=2", "nodes-1=1"]),
+    ("train", ["--nodes", "2", "--rdzv-endpoint", "nohost"], ["rdzv_endpoint", "host:port"]),
+    ("train", ["--nodes", "2", "--rdzv-endpoint", "h:70000"], ["rdzv_endpoint", "host:port"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(("train", ["--device", "cuda", "--epochs", "1"], ["device=cuda", "no CUDA GPU"]))
+if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+    CASES.append(("train", ["--device", "cuda", "--workers", "2"],
+                  ["workers=2", "CUDA GPUs", "one per worker"]))
 
 
 @pytest.mark.parametrize("entry_point, args, words", CASES,

@@ -26,6 +26,19 @@ from steps.core.model import build_model
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Replica:
+    """This process's place in a data-parallel job (the default: the only one).
+
+    With ``world`` > 1 the process group must already be initialised (``steps.distributed``
+    does it). Every replica holds all the data and walks the same shuffled order; each takes
+    its slice of every global batch, so the job trains the model one process would have.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # which of this machine's GPUs, on CUDA
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -124,6 +137,28 @@ def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
     return loss, accuracy
 
 
+def _sum_over_replicas(values: torch.Tensor, replica: Replica) -> torch.Tensor:
+    if replica.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+    return values
+
+
+def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, val_ids: torch.Tensor,
+             replica: Replica = Replica()) -> tuple[float, float]:
+    """Validation loss and accuracy over ``val_ids``; each replica scores its share and the
+    sums are combined, so every replica gets the same two numbers."""
+    mine = val_ids.tensor_split(replica.world)[replica.rank]
+    logits = predict_logits(model, x, mine)
+    sums = torch.stack([
+        nn.functional.cross_entropy(logits, y[mine], reduction="sum"),
+        (logits.argmax(1) == y[mine]).sum().to(logits.dtype),
+    ]) if len(mine) else torch.zeros(2, device=x.device)
+    loss_sum, correct = _sum_over_replicas(sums, replica).tolist()
+    return loss_sum / len(val_ids), correct / len(val_ids)
+
+
 def train(
     config: TrainConfig,
     images: np.ndarray,
@@ -132,6 +167,7 @@ def train(
     val_idx: np.ndarray,
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool = False,
+    replica: Replica = Replica(),
 ) -> TrainResult:
     """Train a fresh ``config.arch`` network on ``images[train_idx]``, validate on
     ``images[val_idx]``, and return it with the best epoch's weights.
@@ -139,17 +175,28 @@ def train(
     ``on_epoch_end`` sees each epoch's result (the scripts log it; a tuner may raise there
     to prune a trial). ``progress`` shows epoch and batch progress bars instead of a log
     line per epoch (for terminals).
+
+    With a ``replica`` of a larger job, ``config.batch_size`` is the global batch: this
+    process trains on its slice of each one under DistributedDataParallel, which averages
+    the gradients, and the loss is scaled so that the average is the whole batch's mean.
+    Same seed, same result as one process, up to floating-point summation order.
     """
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    if device.type == "cuda" and replica.world > 1:
+        device = torch.device("cuda", replica.local_rank)
     model = build_model(config.arch, config.hidden).to(device)
+    stepped = model
+    if replica.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        stepped = DistributedDataParallel(model, device_ids=[device.index]
+                                          if device.type == "cuda" else None)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
                                device)
-    loss_fn = nn.CrossEntropyLoss()
     x, y = to_device_tensors(images, labels, device)
     train_ids = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
     val_ids = torch.from_numpy(np.asarray(val_idx, dtype=np.int64)).to(device)
-    yv = y[val_ids]
     shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
     n = len(train_ids)
 
@@ -162,7 +209,7 @@ def train(
         epochs = tqdm(epochs, desc="training", unit="epoch", position=0)
     for epoch in epochs:
         started = time.perf_counter()
-        model.train()
+        stepped.train()
         order = train_ids[torch.randperm(n, generator=shuffle).to(device)]
         # Summed on the device: a .item() per batch would sync a GPU every step.
         loss_sum = torch.zeros((), device=device)
@@ -171,20 +218,23 @@ def train(
             batches = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                            leave=False, position=1)
         for start in batches:
-            idx = order[start : start + config.batch_size]
+            batch = order[start : start + config.batch_size]
+            idx = batch.tensor_split(replica.world)[replica.rank]
             xb, yb = x[idx].float(), y[idx]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
+            # Summed over this slice, divided by the whole batch, times the replicas that
+            # DDP's gradient average divides by: the gradient of the batch mean.
+            loss_of_slice = nn.functional.cross_entropy(stepped(xb), yb, reduction="sum")
+            (loss_of_slice * (replica.world / len(batch))).backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-        train_loss = (loss_sum / n).item()
+            loss_sum += loss_of_slice.detach()
+        train_loss = (_sum_over_replicas(loss_sum, replica) / n).item()
         if not np.isfinite(train_loss):
             raise FloatingPointError(
                 f"training diverged at epoch {epoch} (loss is {train_loss}); "
                 "lower learning_rate"
             )
-        val_loss, val_acc = loss_and_accuracy(predict_logits(model, x, val_ids), yv)
+        val_loss, val_acc = validate(model, x, y, val_ids, replica)
         epoch_result = EpochResult(
             epoch, train_loss, val_loss, val_acc, time.perf_counter() - started
         )

@@ -1,0 +1,258 @@
+"""Data-parallel and multi-node ``train`` (torch.distributed, gloo on CPU).
+
+- ``workers=2`` trains the model ``workers=1`` trains (per-epoch train_loss within 1e-3
+  relative, val_accuracy within 0.005) on 6000 digit images, under real ``mlflow run``;
+  one run, one value per metric per epoch, one pair of logged models.
+- Two "nodes" of one worker each, started from the commands in
+  ``deploy/k8s/train-multinode.yaml`` as separate process groups on 127.0.0.1, give the
+  ``workers=2`` result.
+- A rank killed mid-training brings ``main`` down within seconds: train FAILED naming the
+  rank, nothing evaluated or registered, no process left; Ctrl-C leaves it KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import (
+    PROJECT_DIR,
+    VENV_BIN,
+    assert_group_gone,
+    free_port,
+    mlflow_run,
+    run_step,
+    start,
+    subprocess_env,
+    temporary_store,
+    wait_for_training,
+    write_idx_folder,
+)
+from steps import distributed, tags
+
+EPOCHS = 3
+N_IMAGES = 6000
+MANIFEST = PROJECT_DIR / "deploy" / "k8s" / "train-multinode.yaml"
+
+
+# --------------------------------------------------------------------------- fast checks
+
+
+def test_cuda_wants_one_gpu_per_worker(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="workers=2 needs 2 CUDA GPUs.*it has 1"):
+        distributed.ScaleOut(workers=2).check_devices("cuda")
+    distributed.ScaleOut(workers=2).check_devices("cpu")
+    distributed.ScaleOut(workers=1).check_devices("cuda")
+
+
+def _failure(tmp_path: Path, rank: int, exitcode: int, report: dict | None):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    error_file = tmp_path / f"error-{rank}.json"
+    if report is not None:
+        error_file.write_text(json.dumps({"timestamp": int(report["pipeline_time"]),
+                                          **report}))
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode,
+                          error_file=str(error_file))
+
+
+def test_root_cause_is_the_rank_that_failed_first_not_the_one_that_lost_its_peer(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    lost_peer = {"message": "failed: RuntimeError: Connection closed by peer",
+                 "pipeline_time": 20.0, "interrupted": False}
+    cause = {"message": "failed: data=runs:/x/data cannot be read", "pipeline_time": 10.0,
+             "interrupted": False}
+    failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, 1, cause)}
+    assert distributed.root_cause(ChildFailedError("train", failures)) == (
+        "rank 1 failed: data=runs:/x/data cannot be read", False)
+    # A rank killed outright (OOM killer, kill -9) is the cause whatever the others wrote.
+    failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, -9, None)}
+    assert distributed.root_cause(ChildFailedError("train", failures)) == (
+        "rank 1 was killed by signal SIGKILL", False)
+    # SIGTERM to one rank ends the job as an interrupt.
+    stopped = {"message": "was interrupted (SIGTERM)", "pipeline_time": 5.0,
+               "interrupted": True}
+    failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, 130, stopped)}
+    assert distributed.root_cause(ChildFailedError("train", failures)) == (
+        "rank 1 was interrupted (SIGTERM)", True)
+
+
+def _multinode_script() -> str:
+    job = next(d for d in yaml.safe_load_all(MANIFEST.read_text()) if d["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    return container["args"][0]
+
+
+def test_the_multinode_manifest_wires_pods_to_the_rendezvous():
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text())}
+    config, job, service = docs["ConfigMap"]["data"], docs["Job"]["spec"], docs["Service"]
+    assert job["completionMode"] == "Indexed"
+    assert job["completions"] == job["parallelism"] == int(config["NODES"])
+    # Pod 0's stable name: <job>-0.<subdomain>, served by the headless Service.
+    assert job["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    host, port = config["RDZV_ENDPOINT"].split(":")
+    assert host == f"{docs['Job']['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    distributed.ScaleOut(int(config["WORKERS"]), int(config["NODES"]), 1,
+                         config["RDZV_ENDPOINT"]).check(64)
+
+
+# --------------------------------------------------------------------------- real jobs
+
+
+def metric_histories(run_id: str) -> dict[str, list[float]]:
+    client = mlflow.MlflowClient()
+    histories = {}
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        points = client.get_metric_history(run_id, key)
+        assert sorted(p.step for p in points) == list(range(1, EPOCHS + 1)), key
+        histories[key] = [p.value for p in sorted(points, key=lambda p: p.step)]
+    return histories
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    for loss_a, loss_b in zip(a["train_loss"], b["train_loss"], strict=True):
+        assert abs(loss_a - loss_b) <= 1e-3 * abs(loss_a), (a, b)
+    for acc_a, acc_b in zip(a["val_accuracy"], b["val_accuracy"], strict=True):
+        assert abs(acc_a - acc_b) <= 0.005, (a, b)
+
+
+def train_runs() -> list:
+    return mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'train'")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """One store: a 6000-image data run, then train with workers=1 and workers=2 under
+    ``mlflow run``; their run ids."""
+    root = tmp_path_factory.mktemp("ddp")
+    with temporary_store(root):
+        folder = write_idx_folder(root / "idx", n_train=N_IMAGES, n_test=200)
+        assert run_step("download_data", "--data-dir", str(folder)).returncode == 0
+        data = mlflow.MlflowClient().search_runs(["0"])[0].data.tags[tags.DATA_URI]
+        ids = {}
+        for workers in (1, 2):
+            result = mlflow_run("-e", "train", "-P", f"data={data}", "-P", f"epochs={EPOCHS}",
+                                "-P", f"workers={workers}", "-P", "device=cpu")
+            assert result.returncode == 0, result.stderr[-3000:]
+            ids[workers] = train_runs()[0].info.run_id
+        yield {"root": root, "data": data, **ids}
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_model_one_worker_trains(jobs):
+    with temporary_store(jobs["root"]):
+        client = mlflow.MlflowClient()
+        assert_same_training(metric_histories(jobs[1]), metric_histories(jobs[2]))
+        run = client.get_run(jobs[2])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["workers"] == "2"
+        assert len(train_runs()) == 2  # one run per job, none from the other rank
+        models = mlflow.search_logged_models(experiment_ids=["0"], output_format="list",
+                                             filter_string=f"source_run_id = '{jobs[2]}'")
+        assert sorted(m.name for m in models) == ["classifier", "model"]
+        loaded = mlflow.pyfunc.load_model(run.data.tags[tags.MODEL_URI])
+        assert loaded is not None
+
+
+@pytest.mark.slow
+def test_two_nodes_from_the_manifest_train_what_two_workers_train(jobs):
+    """The manifest's own script, run as pod 0 and pod 1 would run it, on loopback."""
+    script = _multinode_script()
+    with temporary_store(jobs["root"]):
+        before = {r.info.run_id for r in train_runs()}
+        pod_env = {"NODES": "2", "WORKERS": "1", "EPOCHS": str(EPOCHS),
+                   "DATA_URI": jobs["data"], "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
+        pods = [subprocess.Popen(["/bin/sh", "-c", script], cwd=PROJECT_DIR, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=subprocess_env(JOB_COMPLETION_INDEX=str(i), **pod_env),
+                                 start_new_session=True)
+                for i in (1, 0)]  # the worker first: it waits for node 0's store
+        for pod in pods:
+            _, stderr = pod.communicate(timeout=600)
+            assert pod.returncode == 0, stderr[-3000:]
+        new = [r for r in train_runs() if r.info.run_id not in before]
+        assert len(new) == 1  # node 1 created none
+        assert new[0].info.status == "FINISHED"
+        assert new[0].data.params["nodes"] == "2"
+        assert_same_training(metric_histories(jobs[2]), metric_histories(new[0].info.run_id))
+
+
+def _ranks_of(run_id: str) -> dict[int, int]:
+    """Global rank -> pid of the live ranks training into ``run_id``."""
+    ranks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+        if env.get(distributed.LAUNCHED_FOR_RUN.encode()) == run_id.encode():
+            ranks[int(env[b"RANK"])] = int(entry)
+    return ranks
+
+
+def _started_pipeline(folder: Path) -> subprocess.Popen:
+    proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
+                  "local", "-P", f"data_dir={folder}", "-P", "epochs=400", "-P", "workers=2"])
+    wait_for_training()
+    return proc
+
+
+@pytest.mark.slow
+def test_a_killed_rank_brings_the_pipeline_down_and_nothing_is_registered(tmp_path):
+    with temporary_store(tmp_path):
+        proc = _started_pipeline(write_idx_folder(tmp_path / "idx", n_train=2000))
+        train = train_runs()[0]
+        ranks = _ranks_of(train.info.run_id)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - killed_at
+        assert proc.returncode != 0
+        assert took < 30, f"the pipeline took {took:.0f}s to stop"
+        assert "rank 1 was killed by signal SIGKILL" in stderr
+        assert_group_gone(proc.pid)
+        assert _ranks_of(train.info.run_id) == {}
+        client = mlflow.MlflowClient()
+        train = client.get_run(train.info.run_id)
+        assert train.info.status == "FAILED"
+        assert train.data.tags[tags.ENDED_BECAUSE] == "rank 1 was killed by signal SIGKILL"
+        steps = {r.data.tags.get(tags.STEP) for r in client.search_runs(["0"])}
+        assert "evaluate" not in steps and "register" not in steps
+        assert client.search_model_versions() == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_data_parallel_pipeline_leaves_train_killed(tmp_path):
+    with temporary_store(tmp_path):
+        proc = _started_pipeline(write_idx_folder(tmp_path / "idx", n_train=2000))
+        train_id = train_runs()[0].info.run_id
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert_group_gone(proc.pid)
+        assert _ranks_of(train_id) == {}
+        client = mlflow.MlflowClient()
+        deadline = time.monotonic() + 15  # MLflow's launcher overwrites, then is put right
+        while client.get_run(train_id).info.status != "KILLED" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert client.get_run(train_id).info.status == "KILLED"
+        assert client.search_model_versions() == []
