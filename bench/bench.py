@@ -209,6 +209,19 @@ def main() -> None:
     eval_run = client.search_runs(["0"], "tags.`pipeline.step` = 'evaluate'",
                                   order_by=["attributes.start_time ASC"])[0]
 
+    # Scale-out on this machine: the same 2-epoch job with one and with two workers.
+    data_60k = train_run.data.tags["pipeline.data_uri"]
+    scale = {}
+    for workers in (1, 2):
+        wall, _, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "2", "--device",
+                            "cpu", "--data", data_60k, "--workers", str(workers)], store)
+        job = client.search_runs(["0"], "tags.`pipeline.step` = 'train'",
+                                 order_by=["attributes.start_time DESC"])[0]
+        scale[workers] = {"wall_s": wall, "epoch_s": min(
+            m.value for m in client.get_metric_history(job.info.run_id, "epoch_seconds"))}
+    results["scale_out"] = {"workers_1": scale[1], "workers_2": scale[2],
+                            "epoch_speedup": scale[1]["epoch_s"] / scale[2]["epoch_s"]}
+
     results["epoch"] = {"train_step_s": train_epoch, "bare_loop_s": bare,
                         "seed_style_s": seed["train_epoch_s"],
                         "train_vs_bare": train_epoch / bare,
@@ -285,6 +298,11 @@ def format_table(r: dict) -> str:
         f"| train peak RSS growth per pixel of data | "
         f"{r['train_process']['bytes_per_pixel']:.2f} bytes (goal <= 1.5) |",
     ]
+    so = r["scale_out"]
+    lines.append(f"| train 2 epochs on 60k, workers=1 / workers=2: wall | "
+                 f"{so['workers_1']['wall_s']:.1f} s / {so['workers_2']['wall_s']:.1f} s |")
+    lines.append(f"| same, best epoch (speed-up {so['epoch_speedup']:.2f}x) | "
+                 f"{so['workers_1']['epoch_s']:.2f} s / {so['workers_2']['epoch_s']:.2f} s |")
     lines += [f"| start-up `{s}` (interpreter + imports) | {t:.2f} s |"
               for s, t in r["startup_s"].items()]
     if "gpu" in r:
