@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from datetime import timedelta
 
 from steps.cli import Interrupted, StepError
@@ -100,7 +101,7 @@ def launch(scale: ScaleOut, args: list[str], run_id: str = "") -> None:
     raised as a StepError naming its rank. SIGINT/SIGTERM here reach every rank and raise
     Interrupted. Nothing of the job outlives this call.
     """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -115,10 +116,13 @@ def launch(scale: ScaleOut, args: list[str], run_id: str = "") -> None:
     else:
         backend, endpoint = "static", scale.rdzv_endpoint
         configs = {"rank": scale.node_rank, "timeout": RENDEZVOUS_TIMEOUT_S}
+    # The agent keeps each rank's error file in a log folder; ours goes when the job does.
+    logs = tempfile.TemporaryDirectory(prefix="mnist-train-")
     config = LaunchConfig(
         min_nodes=scale.nodes, max_nodes=scale.nodes, nproc_per_node=scale.workers,
         run_id="mnist-train", rdzv_backend=backend, rdzv_endpoint=endpoint,
         rdzv_configs=configs, max_restarts=0, monitor_interval=0.1,
+        logs_specs=DefaultLogsSpecs(log_dir=logs.name),
     )
     saved = {k: os.environ.get(k) for k in (LAUNCHED_FOR_RUN, "MLFLOW_RUN_ID",
                                             "OMP_NUM_THREADS")}
@@ -137,6 +141,7 @@ def launch(scale: ScaleOut, args: list[str], run_id: str = "") -> None:
     except SignalException as exc:
         raise Interrupted(signal.Signals(exc.sigval).name) from None
     finally:
+        logs.cleanup()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -183,10 +188,14 @@ def launched_rank():
     import torch
     import torch.distributed as dist
 
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "cpu:gloo,cuda:nccl"  # the shared data on the CPU, gradients on the GPUs
+        if local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)  # or every rank's NCCL would sit on GPU 0
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
-    return Replica(rank=dist.get_rank(), world=dist.get_world_size(),
-                   local_rank=int(os.environ["LOCAL_RANK"]))
+    return Replica(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
 
 
 def rank_run_id() -> str:

@@ -66,11 +66,16 @@ def prepare_store(uri: str) -> None:
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri[len("sqlite:///"):])
-    if path.is_file() and path.stat().st_size:
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
+    lock_path = Path(f"{path}.lock")
+    if not os.access(path.parent, os.W_OK) and not lock_path.exists():
+        return  # a read-only folder: nobody creates a store there
+    with open(lock_path, "a") as lock:
+        # Taken even when the file is there: a file that is not empty may still be half
+        # created by the process holding the lock.
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file() and path.stat().st_size:
+            return
         import mlflow
 
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)

@@ -52,8 +52,6 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
         arch: str, hidden: str, val_fraction: float, seed: int, device: str, workers: int,
         nodes: int, node_rank: int, rdzv_endpoint: str) -> None:
     """Train ARCH on the data artifact and log the best epoch's model."""
-    import mlflow
-
     from steps.core.training import TrainConfig, resolve_device
 
     scale = distributed.ScaleOut(workers, nodes, node_rank, rdzv_endpoint)
@@ -69,6 +67,8 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     if replica is not None:  # one rank of a job our launcher started
         try:
             if replica.rank == 0:
+                import mlflow
+
                 with mlflow.start_run(run_id=distributed.rank_run_id()) as run:
                     train_tracked(run, data, config, val_fraction,
                                   str(resolve_device(device)), replica)
@@ -85,6 +85,8 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                  "come from node 0", node_rank, nodes, rdzv_endpoint, workers)
         distributed.launch(scale, sys.argv[1:])
         return
+    import mlflow
+
     with step_run("train") as run:
         # The cheap checks first: no data is fetched for a device that is not there.
         try:

@@ -144,13 +144,16 @@ def jobs(tmp_path_factory):
         folder = write_idx_folder(root / "idx", n_train=N_IMAGES, n_test=200)
         assert run_step("download_data", "--data-dir", str(folder)).returncode == 0
         data = mlflow.MlflowClient().search_runs(["0"])[0].data.tags[tags.DATA_URI]
-        ids = {}
+        ids, new_runs = {}, {}
         for workers in (1, 2):
+            before = {r.info.run_id for r in train_runs()}
             result = mlflow_run("-e", "train", "-P", f"data={data}", "-P", f"epochs={EPOCHS}",
                                 "-P", f"workers={workers}", "-P", "device=cpu")
             assert result.returncode == 0, result.stderr[-3000:]
-            ids[workers] = train_runs()[0].info.run_id
-        yield {"root": root, "data": data, **ids}
+            new_runs[workers] = [r.info.run_id for r in train_runs()
+                                 if r.info.run_id not in before]
+            ids[workers] = new_runs[workers][0]
+        yield {"root": root, "data": data, "new_runs": new_runs, **ids}
 
 
 @pytest.mark.slow
@@ -161,7 +164,7 @@ def test_two_workers_train_the_model_one_worker_trains(jobs):
         run = client.get_run(jobs[2])
         assert run.info.status == "FINISHED"
         assert run.data.params["workers"] == "2"
-        assert len(train_runs()) == 2  # one run per job, none from the other rank
+        assert jobs["new_runs"][2] == [jobs[2]]  # one run per job, none from the other rank
         models = mlflow.search_logged_models(experiment_ids=["0"], output_format="list",
                                              filter_string=f"source_run_id = '{jobs[2]}'")
         assert sorted(m.name for m in models) == ["classifier", "model"]
