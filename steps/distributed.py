@@ -140,6 +140,12 @@ def launch(scale: ScaleOut, args: list[str], run_id: str = "") -> None:
         raise StepError(message) from None
     except SignalException as exc:
         raise Interrupted(signal.Signals(exc.sigval).name) from None
+    except Exception as exc:  # the rendezvous: node 0 unreachable, its port taken, ...
+        from steps.cli import first_line
+
+        where = f" at rdzv_endpoint={scale.rdzv_endpoint}" if scale.rdzv_endpoint else ""
+        raise StepError(f"the training job could not start{where}: "
+                        f"{type(exc).__name__}: {first_line(exc)}") from None
     finally:
         logs.cleanup()
         for key, value in saved.items():

@@ -259,3 +259,24 @@ def test_ctrl_c_on_a_data_parallel_pipeline_leaves_train_killed(tmp_path):
             time.sleep(0.5)
         assert client.get_run(train_id).info.status == "KILLED"
         assert client.search_model_versions() == []
+
+
+@pytest.mark.slow
+def test_a_taken_rendezvous_port_is_one_line_and_a_failed_run(tmp_path):
+    import socket
+
+    with temporary_store(tmp_path), socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        folder = write_idx_folder(tmp_path / "idx")
+        assert run_step("download_data", "--data-dir", str(folder)).returncode == 0
+        endpoint = f"127.0.0.1:{busy.getsockname()[1]}"
+        result = run_step("train", "--nodes", "2", "--rdzv-endpoint", endpoint, timeout=120)
+        assert result.returncode == 1
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"could not start at rdzv_endpoint={endpoint}" in errors[0]
+        assert "address already in use" in errors[0]
+        run = train_runs()[0]
+        assert run.info.status == "FAILED"
+        assert "could not start" in run.data.tags[tags.ENDED_BECAUSE]
