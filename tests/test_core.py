@@ -96,7 +96,7 @@ def test_train_learns_and_returns_the_best_epoch(tiny_split):
     # The returned model really holds the best epoch's weights.
     x, y, _, val_idx = tiny_split
     x_val, y_val = training.to_device_tensors(x[val_idx], y[val_idx], torch.device("cpu"))
-    _, acc = training.loss_and_accuracy(training.predict_logits(result.model, x_val), y_val)
+    _, acc = training.validate(result.model, x_val, y_val, torch.arange(len(y_val)))
     assert acc == pytest.approx(result.best_val_accuracy, abs=1e-6)
     assert not result.model.training
 

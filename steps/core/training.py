@@ -131,12 +131,6 @@ def predict_logits(
                       for i in range(0, len(ids), batch_size)])
 
 
-def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    loss = nn.functional.cross_entropy(logits, y).item()
-    accuracy = (logits.argmax(1) == y).float().mean().item()
-    return loss, accuracy
-
-
 def _sum_over_replicas(values: torch.Tensor, replica: Replica) -> torch.Tensor:
     if replica.world > 1:
         import torch.distributed as dist
