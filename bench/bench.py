@@ -15,8 +15,14 @@ Measures:
      of an entry point that only imports mlflow and torch and opens its run;
 plus start-up time of each step's process, peak memory of the train process on 8k and 60k
 training images and its slope in bytes per pixel (goal <= 1.5), and the train epoch (and
-its device-memory slope) on a GPU when one is present. Prints a table; writes
-bench/results.json.
+its device-memory slope) on a GPU when one is present. Surviving a stop:
+  5. the checkpoint's size and its write time per epoch against the epoch (goal <= 5%),
+     from the 5-epoch train run of (2);
+  6. ``python -m steps.train --epochs 5`` SIGKILLed during epoch 3 and continued with
+     ``--resume``: both attempts' wall time together against one uninterrupted run;
+  7. MLflow's system-metrics monitor running beside the core loop against the loop alone
+     (goal <= 2% of the epoch).
+Prints a table; writes bench/results.json.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -156,6 +164,59 @@ def startup_seconds(store: Path, step: str) -> float:
     return min(timed([sys.executable, "-c", code], store)[0] for _ in range(2))
 
 
+def killed_and_resumed(store: Path, data_uri: str, client) -> dict:
+    """Item 6: one uninterrupted 5-epoch train, and one SIGKILLed halfway through epoch 3,
+    then continued from its checkpoint with --resume."""
+    args = [sys.executable, "-m", "steps.train", "--epochs", str(EPOCHS), "--device", "cpu",
+            "--data", data_uri]
+    uninterrupted, _, _ = timed(args, store)
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env(store), cwd=store, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run_id, epoch_s = "", 0.0
+    while proc.poll() is None:
+        runs = client.search_runs(["0"], "tags.`pipeline.step` = 'train'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs and runs[0].info.status == "RUNNING":
+            history = client.get_metric_history(runs[0].info.run_id, "epoch_seconds")
+            if len(history) >= 2:
+                run_id, epoch_s = runs[0].info.run_id, history[-1].value
+                break
+        time.sleep(0.05)
+    time.sleep(epoch_s / 2)  # the middle of epoch 3
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_attempt = time.perf_counter() - started
+    resumed, _, _ = timed([*args, "--resume", run_id], store)
+    return {"uninterrupted_s": uninterrupted, "killed_attempt_s": first_attempt,
+            "resumed_attempt_s": resumed, "total_s": first_attempt + resumed,
+            "total_vs_uninterrupted": (first_attempt + resumed) / uninterrupted,
+            "run_status": client.get_run(run_id).info.status}
+
+
+def system_metrics_cost(dataset, n_train: int, store: Path) -> dict:
+    """Item 7: mean epoch of the core loop with MLflow's monitor sampling beside it
+    (every 2 s, as train does) against without, alternated to share the machine's drift."""
+    import mlflow
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    cfg = TrainConfig(epochs=2, device="cpu")
+    ids = np.arange(n_train), np.arange(n_train, len(dataset.y_train))
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(2):
+        for mode in ("without", "with"):
+            with mlflow.start_run() as run:
+                monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=2)
+                if mode == "with":
+                    monitor.start()
+                result = train(cfg, dataset.x_train, dataset.y_train, *ids)
+                monitor.finish()
+            times[mode] += [h.seconds for h in result.history]
+    with_s, without_s = np.mean(times["with"]), np.mean(times["without"])
+    return {"epoch_with_s": with_s, "epoch_without_s": without_s,
+            "overhead": with_s / without_s - 1}
+
+
 def main() -> None:
     started = time.perf_counter()
     shutil.rmtree(WORK, ignore_errors=True)
@@ -222,6 +283,15 @@ def main() -> None:
     results["scale_out"] = {"workers_1": scale[1], "workers_2": scale[2],
                             "epoch_speedup": scale[1]["epoch_s"] / scale[2]["epoch_s"]}
 
+    # Surviving a stop: what the 5-epoch run's checkpoints cost, a kill and resume, and
+    # the system-metrics monitor.
+    pointer = json.loads(train_run.data.tags["pipeline.checkpoint"])
+    ckpt_s = train_run.data.metrics["checkpoint_seconds"] / len(epoch_times)
+    results["checkpoints"] = {"bytes": pointer["bytes"], "write_s_per_epoch": ckpt_s,
+                              "of_epoch": ckpt_s / (sum(epoch_times) / len(epoch_times))}
+    results["resume"] = killed_and_resumed(store, data_60k, client)
+    results["system_metrics"] = system_metrics_cost(dataset, n_train, store)
+
     results["epoch"] = {"train_step_s": train_epoch, "bare_loop_s": bare,
                         "seed_style_s": seed["train_epoch_s"],
                         "train_vs_bare": train_epoch / bare,
@@ -262,6 +332,8 @@ def main() -> None:
         "3 cached rerun <= 10 s": cached_wall <= 10,
         "4 mlflow run -e evaluate <= 6 s": eval_wall <= 6,
         "5 train peak RSS slope <= 1.5 bytes/pixel": slope <= 1.5,
+        "6 checkpoint write <= 5% of the epoch": results["checkpoints"]["of_epoch"] <= 0.05,
+        "7 system metrics <= 2% of the epoch": results["system_metrics"]["overhead"] <= 0.02,
     }
     results["bench_wall_s"] = time.perf_counter() - started
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -303,6 +375,17 @@ def format_table(r: dict) -> str:
                  f"{so['workers_1']['wall_s']:.1f} s / {so['workers_2']['wall_s']:.1f} s |")
     lines.append(f"| same, best epoch (speed-up {so['epoch_speedup']:.2f}x) | "
                  f"{so['workers_1']['epoch_s']:.2f} s / {so['workers_2']['epoch_s']:.2f} s |")
+    ck, rs, sm = r["checkpoints"], r["resume"], r["system_metrics"]
+    lines.append(f"| checkpoint (default mlp): size, write per epoch | "
+                 f"{ck['bytes'] / 2**20:.1f} MiB, {ck['write_s_per_epoch'] * 1000:.0f} ms = "
+                 f"{ck['of_epoch'] * 100:.1f}% of the epoch (goal <= 5%) |")
+    lines.append(f"| train 5 epochs on 60k: uninterrupted | {rs['uninterrupted_s']:.1f} s |")
+    lines.append(f"| same, SIGKILLed in epoch 3 + `--resume` (ends {rs['run_status']}) | "
+                 f"{rs['killed_attempt_s']:.1f} s + {rs['resumed_attempt_s']:.1f} s = "
+                 f"{rs['total_s']:.1f} s ({rs['total_vs_uninterrupted']:.2f}x) |")
+    lines.append(f"| core epoch with / without the system-metrics monitor | "
+                 f"{sm['epoch_with_s']:.2f} s / {sm['epoch_without_s']:.2f} s "
+                 f"({sm['overhead'] * 100:+.1f}%, goal <= 2%) |")
     lines += [f"| start-up `{s}` (interpreter + imports) | {t:.2f} s |"
               for s, t in r["startup_s"].items()]
     if "gpu" in r:

@@ -61,9 +61,13 @@ def load_data_artifact(data_uri: str):
 # --------------------------------------------------------------------------- models
 
 
-def log_models(network, arch: str, hidden, example_images) -> str:
+def log_models(network, arch: str, hidden, example_images, step: int = 0) -> str:
     """Log the pt2 ``model`` and the ``classifier`` to the active run; tag both URIs and
-    return the classifier's (what evaluate, register and serving use)."""
+    return the classifier's (what evaluate, register and serving use).
+
+    ``step`` is the epoch whose weights these are: MLflow links both logged models to the
+    metrics the run logged at that step, so ``mlflow.search_logged_models`` can rank
+    models by ``val_accuracy``."""
     import mlflow
     import numpy as np
     import torch
@@ -81,14 +85,14 @@ def log_models(network, arch: str, hidden, example_images) -> str:
     with torch.no_grad():
         logged = mlflow.pytorch.log_model(
             Probabilities(network), name="model", signature=signature,
-            input_example=example, pip_requirements=model_requirements(),
+            input_example=example, pip_requirements=model_requirements(), step=step,
         )
-    classifier = log_classifier(network, arch, hidden, example)
+    classifier = log_classifier(network, arch, hidden, example, step)
     mlflow.set_tags({tags.NETWORK_URI: logged.model_uri, tags.MODEL_URI: classifier.model_uri})
     return classifier.model_uri
 
 
-def log_classifier(network, arch: str, hidden, example):
+def log_classifier(network, arch: str, hidden, example, step: int = 0):
     """Log the served model: ``steps/serving.py`` (model from code) rebuilding ``network``
     from its weights and ``steps/core/model.py``.
 
@@ -119,6 +123,7 @@ def log_classifier(network, arch: str, hidden, example):
             code_paths=[module_file(NETWORK_MODULE)], signature=signature,
             input_example=example,
             pip_requirements=model_requirements() + [f"pandas=={version('pandas')}"],
+            step=step,
         )
 
 

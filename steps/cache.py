@@ -17,7 +17,10 @@ Their hash is the run's ``pipeline.cache_key`` tag, found with one ``search_runs
 the inputs themselves are kept beside it (``pipeline.cache_inputs``, JSON), so that a step
 that runs again can say exactly what changed since the newest finished run of that step.
 A run is reused only when it FINISHED and what it hands on still exists (a listing, not a
-download: see ``steps.artifacts.output_missing``).
+download: see ``steps.artifacts.output_missing``). A step's run carries its key from the
+start (``steps.runs.CACHE_ENV``), so a run with these inputs that ended KILLED or FAILED
+holding a checkpoint (train's, ``steps/checkpoints.py``) is found too, and continued in
+place rather than started again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import ast
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,8 +39,9 @@ from pathlib import Path
 
 from steps import tags
 from steps.artifacts import output_missing, read_requirements
+from steps.checkpoints import RESUMABLE_STATUSES, Pointer
 from steps.cli import StepError, first_line
-from steps.runs import newest_runs, quote
+from steps.runs import CACHE_ENV, newest_runs, quote
 
 log = logging.getLogger("steps.cache")
 
@@ -249,18 +254,40 @@ class Pipeline:
             hit, reason = self.lookup(inputs)
             if hit is not None:
                 return self.reuse(hit, inputs.entry_point)
+            stopped = self.resumable(inputs)
+            if stopped is not None:
+                pointer = Pointer.of(stopped)
+                because = stopped.data.tags.get(tags.ENDED_BECAUSE, "")
+                log.info("main: %s resumes run %s at epoch %d of %d (it was %s%s)",
+                         entry_point, stopped.info.run_id, pointer.epoch + 1, pointer.epochs,
+                         stopped.info.status, f": {because}" if because else "")
+                return self.run(inputs, continuing=stopped)
         log.info("main: %s runs: %s", entry_point, reason)
         return self.run(inputs)
+
+    def _with_key(self, inputs: StepInputs, status: str = "", max_results: int = 1) -> list:
+        """This experiment's runs with ``inputs``' key (of ``status``, if given), newest
+        first."""
+        query = f"tags.`{tags.CACHE_KEY}` = {quote(inputs.key())}"
+        if status:
+            query += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], filter_string=query,
+                                       order_by=["attributes.start_time DESC"],
+                                       max_results=max_results)
+
+    def resumable(self, inputs: StepInputs):
+        """The newest run with these inputs, when it ended KILLED or FAILED and holds a
+        checkpoint to continue from; else None."""
+        newest = self._with_key(inputs)
+        if newest and newest[0].info.status in RESUMABLE_STATUSES and Pointer.of(newest[0]):
+            return newest[0]
+        return None
 
     def lookup(self, inputs: StepInputs) -> tuple:
         """(the finished run with these inputs whose outputs still exist, '') or
         (None, why none serves: its outputs are missing, or what changed since the newest
         finished run of this step)."""
-        hits = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{tags.CACHE_KEY}` = {quote(inputs.key())} "
-                          "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+        hits = self._with_key(inputs, status="FINISHED")
         if hits:
             missing = missing_outputs(self.client, hits[0])
             if not missing:
@@ -292,24 +319,35 @@ class Pipeline:
                  entry_point, hit.info.run_id)
         return hit
 
-    def run(self, inputs: StepInputs):
+    def run(self, inputs: StepInputs, continuing=None):
+        """Launch the step as a child of the parent (``continuing``: in that stopped run
+        of the step, which the parent then adopts); its run is tagged with the inputs
+        from its start."""
         import mlflow
         from mlflow.exceptions import ExecutionException
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         started = time.perf_counter()
+        if continuing is not None:
+            self.client.set_tag(continuing.info.run_id, MLFLOW_PARENT_RUN_ID,
+                                self.parent.info.run_id)
+        os.environ.update({CACHE_ENV[tags.CACHE_KEY]: inputs.key(),
+                           CACHE_ENV[tags.CACHE_INPUTS]: inputs.to_json()})
         try:
             submitted = mlflow.run(
                 str(self.root), inputs.entry_point, parameters=inputs.params,
                 env_manager="local", experiment_id=self.experiment_id,
                 run_name=inputs.entry_point, synchronous=True,
+                run_id=continuing.info.run_id if continuing is not None else None,
             )
         except ExecutionException as exc:
             after = ("its error is above" if inputs.entry_point == "register" else
                      "later steps were not run and nothing was registered")
             raise StepError(
                 f"step {inputs.entry_point} failed ({first_line(exc)}); {after}") from None
-        self.client.set_tag(submitted.run_id, tags.CACHE_KEY, inputs.key())
-        self.client.set_tag(submitted.run_id, tags.CACHE_INPUTS, inputs.to_json())
+        finally:
+            for name in CACHE_ENV.values():
+                os.environ.pop(name, None)
         log.info("main: %s finished in %.1fs", inputs.entry_point,
                  time.perf_counter() - started)
         return self.client.get_run(submitted.run_id)

@@ -54,12 +54,15 @@ def setup_logging() -> None:
     # children inherit them. A user's own settings win.
     for name, value in RETRY_BUDGET.items():
         os.environ.setdefault(name, value)
+    # train's system metrics: MLflow samples every 10 s and drops the sample in progress at
+    # the end, so a smoke run of a few seconds would record none.
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
     level = logging.DEBUG if os.environ.get(DEBUG_ENV) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     # MLflow and its dependencies are chatty at INFO; keep the console for our summary.
-    for noisy in ("mlflow", "alembic", "urllib3", "matplotlib", "PIL"):
+    for noisy in ("mlflow", "mlflow.system_metrics", "alembic", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # No credential in any log line: ours (root handler) or MLflow's own handler.
     for handler in (*logging.getLogger().handlers, *logging.getLogger("mlflow").handlers):

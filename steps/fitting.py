@@ -1,5 +1,5 @@
-"""Training inside a run: the core loop with its per-epoch metrics, curves and inputs
-logged to the active run. Shared by ``train`` (one process, or global rank 0 of a
+"""Training inside a run: the core loop with its per-epoch metrics, checkpoints, curves and
+inputs logged to the active run. Shared by ``train`` (one process, or global rank 0 of a
 data-parallel job) and by every ``tune`` trial; the other ranks of a job train through
 ``train_replica`` and log nothing."""
 
@@ -9,18 +9,20 @@ import logging
 import sys
 from collections.abc import Callable
 
-from steps import tags
+from steps import checkpoints, tags
 from steps.cli import StepError
-from steps.runs import log_dataset, run_link
+from steps.runs import add_resume, log_dataset, run_link
 
 log = logging.getLogger("steps.train")
 
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds")
+
 
 def train_tracked(run, data: str, config, val_fraction: float, resolved_device: str,
-                  replica=None) -> str:
+                  replica=None, checkpoint_every: int = 0) -> str:
     """``train``'s work inside its run: load and verify the data artifact, tag the run with
-    it, train (as rank 0 of the job when ``replica`` has company), log both models.
-    Returns the classifier's model URI."""
+    it, continue the run's checkpoint if it has one, train (as rank 0 of the job when
+    ``replica`` has company), log both models. Returns the classifier's model URI."""
     import mlflow
 
     from steps.artifacts import load_data_artifact, log_models
@@ -28,70 +30,112 @@ def train_tracked(run, data: str, config, val_fraction: float, resolved_device: 
     dataset = load_data_artifact(data)
     mlflow.set_tags({tags.DATA_URI: data, tags.DATA_DIGEST: dataset.digest,
                      tags.DATASET: dataset.name, tags.RESOLVED_DEVICE: resolved_device})
-    result = fit_and_log(config, dataset, val_fraction, replica=replica)
-    model_uri = log_models(result.model, config.arch, config.hidden, dataset.x_test[:2])
+    run = mlflow.MlflowClient().get_run(run.info.run_id)  # with the tags set since it began
+    resume_from = checkpoints.load(run, config)
+    if resume_from is not None:
+        add_resume(run.data.tags, {"from_epoch": resume_from["epoch"] + 1,
+                                   "epochs": config.epochs}, amend=True)
+        log.info("train: continuing run %s at epoch %d of %d from its checkpoint",
+                 run.info.run_id, resume_from["epoch"] + 1, config.epochs)
+    writer = checkpoints.CheckpointWriter(run.info.run_id, checkpoints.Pointer.of(run),
+                                          config.epochs) if checkpoint_every else None
+    result = fit_and_log(config, dataset, val_fraction, replica=replica,
+                         checkpoint_every=checkpoint_every, on_checkpoint=writer,
+                         resume_from=resume_from, logged_epochs=logged_epochs(run))
+    if writer is not None:  # what surviving a stop costs this run, in seconds
+        mlflow.log_metric("checkpoint_seconds", writer.seconds)
+    model_uri = log_models(result.model, config.arch, config.hidden, dataset.x_test[:2],
+                           step=result.best_epoch)
     workers = f", {replica.world} workers" if replica else ""
+    saved = (f"; checkpoints {writer.last.bytes / 2**20:.1f} MiB each, "
+             f"{writer.seconds:.2f}s writing them" if writer and writer.last else "")
     log.info(
-        "train: %s on %s (%d epochs, %s%s): best val_accuracy %.4f at epoch %d\n"
+        "train: %s on %s (%d epochs, %s%s): best val_accuracy %.4f at epoch %d%s\n"
         "  model: %s\n  %s",
         config.arch, dataset.name, config.epochs, resolved_device, workers,
-        result.best_val_accuracy, result.best_epoch, model_uri, run_link(run),
+        result.best_val_accuracy, result.best_epoch, saved, model_uri, run_link(run),
     )
     return model_uri
 
 
+def logged_epochs(run) -> int:
+    """The last epoch the run already logged (0 for none): a continued run logs no epoch
+    twice."""
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+    return max((m.step for m in history), default=0)
+
+
 def train_replica(replica) -> None:
-    """A rank other than 0: rank 0's data and settings, the same loop, no MLflow."""
+    """A rank other than 0: rank 0's data, settings and checkpoint, the same loop, no
+    MLflow."""
     from steps.core.data import split_train_val
     from steps.core.training import train
     from steps.distributed import share_from_rank0
 
     logging.getLogger("steps.core.training").setLevel(logging.WARNING)  # rank 0 reports
-    (config, val_fraction), images, labels = share_from_rank0(None)
+    (config, val_fraction, resume_from), images, labels = share_from_rank0(None)
     train_idx, val_idx = split_train_val(len(labels), val_fraction, config.seed)
     try:
-        train(config, images, labels, train_idx, val_idx, replica=replica)
+        train(config, images, labels, train_idx, val_idx, replica=replica,
+              resume_from=resume_from)
     except FloatingPointError as exc:
         raise StepError(str(exc)) from None
 
 
 def fit_and_log(config, dataset, val_fraction: float,
-                on_epoch_end: Callable | None = None, replica=None):
+                on_epoch_end: Callable | None = None, replica=None,
+                checkpoint_every: int = 0, on_checkpoint: Callable | None = None,
+                resume_from: dict | None = None, logged_epochs: int = 0):
     """Train on ``dataset`` (validation split held out with ``config.seed``), logging the
-    training input, per-epoch metrics, ``best_*`` and ``training_curves.png`` to the active
-    run. Returns the core's ``TrainResult``; logging the model is the caller's choice
-    (``steps.artifacts.log_models``). ``on_epoch_end`` may raise to stop early (pruning).
+    training input, per-epoch metrics, ``best_*``, ``stopped_epoch`` (with patience) and
+    ``training_curves.png`` to the active run. Returns the core's ``TrainResult``; logging
+    the model is the caller's choice (``steps.artifacts.log_models``). ``on_epoch_end``
+    may raise to stop early (pruning).
+
+    Continuing a checkpoint (``resume_from``), the epochs it holds that the run has not
+    logged yet (``logged_epochs`` is the last one it has) are logged first, and no epoch
+    at or before ``logged_epochs`` is logged again.
     """
     import mlflow
 
     from steps.core.data import split_train_val
     from steps.core.plots import training_curves_figure
-    from steps.core.training import Replica, train
+    from steps.core.training import EpochResult, Replica, train
 
     if replica is not None:  # rank 0 of a data-parallel job (a steps.core Replica)
         from steps.distributed import share_from_rank0
 
-        share_from_rank0((config, val_fraction), dataset.x_train, dataset.y_train)
+        share_from_rank0((config, val_fraction, resume_from), dataset.x_train,
+                         dataset.y_train)
     train_idx, val_idx = split_train_val(len(dataset.y_train), val_fraction, config.seed)
-    log_dataset(dataset.x_train, dataset.y_train, f"{dataset.name}-train", context="training")
+    if resume_from is None:
+        log_dataset(dataset.x_train, dataset.y_train, f"{dataset.name}-train",
+                    context="training")
 
     def log_epoch(epoch):
-        mlflow.log_metrics(
-            {"train_loss": epoch.train_loss, "val_loss": epoch.val_loss,
-             "val_accuracy": epoch.val_accuracy, "epoch_seconds": epoch.seconds},
-            step=epoch.epoch,
-        )
+        if epoch.epoch > logged_epochs:
+            mlflow.log_metrics(dict(zip(EPOCH_METRICS, (
+                epoch.train_loss, epoch.val_loss, epoch.val_accuracy, epoch.seconds),
+                strict=True)), step=epoch.epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
+    for earlier in (resume_from or {}).get("history", []):
+        if earlier["epoch"] > logged_epochs:  # checkpointed, then killed before logging
+            log_epoch(EpochResult(**earlier))
     try:
         result = train(config, dataset.x_train, dataset.y_train, train_idx, val_idx,
                        on_epoch_end=log_epoch, progress=sys.stderr.isatty(),
-                       replica=replica or Replica())
+                       replica=replica or Replica(), checkpoint_every=checkpoint_every,
+                       on_checkpoint=on_checkpoint, resume_from=resume_from)
     except FloatingPointError as exc:
         raise StepError(str(exc)) from None
-    mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy,
-                        "best_epoch": result.best_epoch})
+    ending = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch}
+    if config.patience:
+        ending["stopped_epoch"] = result.stopped_epoch or result.history[-1].epoch
+    mlflow.log_metrics(ending)
     mlflow.log_figure(
         training_curves_figure([vars(h) for h in result.history]), "training_curves.png"
     )

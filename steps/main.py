@@ -11,6 +11,9 @@ Writes: params (every option); a child run per step under this run (``mlflow.par
 
 The step cache (``steps/cache.py``) decides per step whether an earlier run serves and, when
 a step runs, prints one line saying why: what changed since that step's newest finished run.
+A train run with the same inputs that ended KILLED or FAILED holding a checkpoint is
+continued in place (``main: train resumes run ... at epoch 4 of 30``); ``use_cache=false``
+starts afresh.
 
 This module does not import torch: it only orchestrates.
 """
@@ -47,12 +50,13 @@ def run_name(dataset: str, arch: str, epochs: int, learning_rate: float) -> str:
 @options.DATA_DIR()
 @options.training_options
 @options.WORKERS()
+@options.CHECKPOINT_EVERY()
 @options.MODEL_NAME()
 @click.option("--use-cache", type=click.BOOL, default=True, show_default=True,
               help="Reuse finished steps with identical inputs and code.")
 def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_size: int,
-        optimizer: str, arch: str, hidden: str, seed: int, workers: int, model_name: str,
-        use_cache: bool) -> None:
+        optimizer: str, arch: str, hidden: str, seed: int, patience: int, workers: int,
+        checkpoint_every: int, model_name: str, use_cache: bool) -> None:
     """Run the whole pipeline: download_data, train, evaluate, register."""
     import mlflow
 
@@ -74,7 +78,7 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
         data_uri = data_run.data.tags[tags.DATA_URI]
         train_params = {name: params[name] for name in
                         ("epochs", "learning_rate", "batch_size", "optimizer", "arch",
-                         "hidden", "seed", "workers")}
+                         "hidden", "seed", "patience", "workers", "checkpoint_every")}
         train_run = pipeline.step("train", {"data": data_uri, **train_params},
                                   {"download_data": data_run})
         model_uri = train_run.data.tags[tags.MODEL_URI]

@@ -75,6 +75,11 @@ HIDDEN = _option("--hidden", default="", callback=_check_hidden,
 SEED = _option("--seed", type=click.IntRange(0, SEED_MAX), default=42)
 VAL_FRACTION = _option("--val-fraction",
                        type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
+PATIENCE = _option("--patience", type=click.IntRange(min=0), default=0,
+                   help="Stop after this many epochs without a better val_accuracy (0 = off).")
+CHECKPOINT_EVERY = _option("--checkpoint-every", type=click.IntRange(min=0), default=1,
+                           help="Save a checkpoint with the run every this many epochs, and "
+                                "at the last (0 = off).")
 DEVICE = _option("--device", type=click.Choice(DEVICES), default="auto")
 WORKERS = _option("--workers", type=click.IntRange(min=1), default=1,
                   help="Data-parallel processes on this machine (one per GPU on CUDA); "
@@ -109,7 +114,7 @@ def check_model_fits(arch: str, hidden: str, batch_size: int) -> None:
 
 
 # The hyperparameters main passes on to train, in MLproject's order.
-TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, OPTIMIZER, ARCH, HIDDEN, SEED)
+TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, OPTIMIZER, ARCH, HIDDEN, SEED, PATIENCE)
 
 
 def training_options(func):

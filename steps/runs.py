@@ -4,6 +4,7 @@ parsed parameters, and the tracking URI every child step must share."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -22,25 +23,45 @@ from steps.redact import redact
 log = logging.getLogger("steps")
 
 
+# main hands each step it launches the step cache's key and inputs through these, so that
+# the step's run carries them from its start: a run killed midway is still found by them.
+CACHE_ENV = {tags.CACHE_KEY: "PIPELINE_CACHE_KEY", tags.CACHE_INPUTS: "PIPELINE_CACHE_INPUTS"}
+MAX_RESUMES_KEPT = 20
+
+
 @contextlib.contextmanager
 def step_run(step: str, run_name: str | None = None, nested: bool = False,
+             run_id: str | None = None, log_system_metrics: bool = False,
              **extra_tags: str) -> Iterator:
     """Start (or, under ``mlflow run``, resume) this step's run and tag it with its name.
 
     The run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C/SIGTERM; never RUNNING.
-    ``nested`` starts a child of the active run (a tuning trial).
+    ``nested`` starts a child of the active run (a tuning trial); ``run_id`` continues that
+    run. A run that had ended KILLED or FAILED and is continued (by ``run_id``, or by a
+    launcher handed its id) records why it had ended in ``pipeline.resumes``.
+    ``log_system_metrics`` starts MLflow's system-metrics monitor on the run.
     """
     import mlflow
 
     # Set by a launcher (`mlflow run`) that made the run; start_run removes it from os.environ.
     launched_by = None if nested else os.environ.get("MLFLOW_RUN_ID")
+    cache_tags = {} if nested else {tag: os.environ.pop(env) for tag, env in CACHE_ENV.items()
+                                    if env in os.environ}
+    ended_before = None
     if not nested:  # steps started at once on a new sqlite store: one creates its tables
         from steps.server import prepare_store
 
         prepare_store(mlflow.get_tracking_uri())
-    run = mlflow.start_run(run_name=run_name, nested=nested)
+        if run_id or launched_by:
+            earlier = mlflow.MlflowClient().get_run(run_id or launched_by)
+            if earlier.info.status in ("KILLED", "FAILED"):
+                ended_before = earlier
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested,
+                           log_system_metrics=log_system_metrics or None)
     try:
-        mlflow.set_tags({tags.STEP: step, **process_tags(), **extra_tags})
+        mlflow.set_tags({tags.STEP: step, **process_tags(), **cache_tags, **extra_tags})
+        if ended_before is not None:
+            _record_continuation(ended_before)
         if not nested:
             close_orphans(mlflow.MlflowClient(), run.info.experiment_id)
         yield run
@@ -67,6 +88,41 @@ def _note_ending(reason: str) -> None:
         mlflow.set_tag(tags.ENDED_BECAUSE, redact(reason)[:500])
 
 
+def _record_continuation(earlier) -> None:
+    """Add how ``earlier`` (this run, as it was before it was continued) had ended to its
+    ``pipeline.resumes``, and clear its ending: it is running again."""
+    import mlflow
+
+    because = earlier.data.tags.get(tags.ENDED_BECAUSE, "")
+    add_resume(earlier.data.tags, {
+        "after": earlier.info.status, "because": because,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if because:
+        mlflow.MlflowClient().delete_tag(earlier.info.run_id, tags.ENDED_BECAUSE)
+
+
+def resumes(run_tags: dict) -> list[dict]:
+    """A run's continuations, oldest first (``pipeline.resumes``)."""
+    try:
+        found = json.loads(run_tags.get(tags.RESUMES, "[]"))
+    except ValueError:
+        return []
+    return found if isinstance(found, list) else []
+
+
+def add_resume(run_tags: dict, record: dict, amend: bool = False) -> None:
+    """Append ``record`` to the active run's ``pipeline.resumes`` (``amend``: merge it
+    into the newest record instead), keeping the newest :data:`MAX_RESUMES_KEPT`."""
+    import mlflow
+
+    found = resumes(run_tags)
+    if amend and found:
+        found[-1].update(record)
+    else:
+        found.append(record)
+    mlflow.set_tag(tags.RESUMES, json.dumps(found[-MAX_RESUMES_KEPT:]))
+
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LAUNCHER_GRACE_S = 30
 
@@ -90,16 +146,20 @@ def keep_killed_after_launcher(run_id: str) -> None:
 
 
 def restore_status(run_id: str, status: str, launcher_pid: int) -> None:
-    """Put ``status`` back on ``run_id`` when something overwrites it, until the launcher
-    process is gone (and a second longer) or :data:`LAUNCHER_GRACE_S` passed."""
+    """Put ``status`` back on ``run_id`` when the launcher overwrites it with FAILED, until
+    the launcher process is gone (and a second longer) or :data:`LAUNCHER_GRACE_S` passed.
+    Any other change (the run continued, RUNNING again) is left alone."""
     import mlflow
 
     client = mlflow.MlflowClient()
     end_time = client.get_run(run_id).info.end_time
     deadline, gone_at = time.monotonic() + LAUNCHER_GRACE_S, None
     while time.monotonic() < deadline:
-        if client.get_run(run_id).info.status != status:
+        now = client.get_run(run_id).info.status
+        if now == "FAILED" != status:
             client.set_terminated(run_id, status, end_time=end_time)
+            return
+        if now != status:
             return
         if gone_at is None and _process_gone(launcher_pid, ""):
             gone_at = time.monotonic()
@@ -220,6 +280,30 @@ def log_cli_params(**overrides) -> dict:
     if missing:
         mlflow.log_params(missing)
     return params
+
+
+def param_differences(run, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``name=stored there, given here`` for each parameter of the current click command
+    that ``run`` logged with another value (read through the option's own type, so ``1e-3``
+    and ``0.001`` agree); names in ``ignore`` and parameters the run lacks are skipped."""
+    import shlex
+
+    ctx = click.get_current_context()
+    differ = []
+    for param in ctx.command.params:
+        stored = run.data.params.get(param.name)
+        if param.name in ignore or stored is None:
+            continue
+        with contextlib.suppress(ValueError):  # `mlflow run` logs values shell-quoted ('')
+            words = shlex.split(stored)
+            stored = words[0] if len(words) == 1 else "" if not words else stored
+        try:
+            value = param.type_cast_value(ctx, stored)
+        except click.BadParameter:
+            value = stored
+        if value != ctx.params[param.name]:
+            differ.append(f"{param.name}={stored!r} there, {ctx.params[param.name]!r} here")
+    return differ
 
 
 def latest_finished_run(client, experiment_id: str, step: str, extra_filter: str = ""):

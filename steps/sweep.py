@@ -49,6 +49,7 @@ class BestTrial:
     model is ever logged."""
 
     accuracy: float
+    epoch: int  # the trial's best epoch: the logged model's step
     run_id: str
     config: object  # TrainConfig
     network: object  # nn.Module with the best epoch's weights
@@ -58,8 +59,10 @@ class BestTrial:
 class Objective:
     """Optuna's objective: each call trains one trial as a nested run of the active run."""
 
-    def __init__(self, dataset, data_uri: str, epochs: int, seed: int) -> None:
+    def __init__(self, dataset, data_uri: str, epochs: int, seed: int,
+                 patience: int = 0) -> None:
         self.dataset, self.data_uri, self.epochs, self.seed = dataset, data_uri, epochs, seed
+        self.patience = patience
         self.best: BestTrial | None = None
         self.trials_run = 0
 
@@ -74,7 +77,8 @@ class Objective:
         config = TrainConfig(epochs=self.epochs, seed=self.seed, device="auto",
                              learning_rate=params["learning_rate"],
                              batch_size=params["batch_size"], optimizer=params["optimizer"],
-                             arch=params["arch"], hidden=parse_hidden(params["hidden"]))
+                             arch=params["arch"], hidden=parse_hidden(params["hidden"]),
+                             patience=self.patience)
         with step_run("tune_trial", run_name=f"trial-{trial.number}", nested=True, **{
                 tags.OPTUNA_TRIAL: str(trial.number), tags.DATA_URI: self.data_uri,
                 tags.DATA_DIGEST: self.dataset.digest, tags.DATASET: self.dataset.name,
@@ -82,15 +86,15 @@ class Objective:
             self.trials_run += 1
             trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
             mlflow.log_params({**params, "epochs": self.epochs, "seed": self.seed,
-                               "data": self.data_uri})
+                               "patience": self.patience, "data": self.data_uri})
             result = self._fit(trial, config)
             # A pruned trial did its job: its run ends FINISHED, tagged PRUNED.
             mlflow.set_tag(tags.OPTUNA_STATE, "PRUNED" if result is None else "COMPLETE")
         if result is None:
             raise optuna.TrialPruned()
         if self.best is None or result.best_val_accuracy > self.best.accuracy:
-            self.best = BestTrial(result.best_val_accuracy, run.info.run_id, config,
-                                  result.model, self.dataset.x_test[:2])
+            self.best = BestTrial(result.best_val_accuracy, result.best_epoch, run.info.run_id,
+                                  config, result.model, self.dataset.x_test[:2])
         return result.best_val_accuracy
 
     def _fit(self, trial, config):

@@ -18,6 +18,11 @@ ALIAS_DECISION = "pipeline.alias_decision"
 BEST_TRIAL_RUN = "pipeline.best_trial_run_id"
 STUDY_NAME = "pipeline.study_name"  # a tune run that joined a shared Optuna study
 STUDY_BEST_RUN = "pipeline.study_best_run_id"  # the study's best trial, any worker's
+# On train runs: checkpoints and resumes (steps/checkpoints.py).
+CHECKPOINT = "pipeline.checkpoint"  # JSON: the newest whole checkpoint (file, epoch, sha256)
+CHECKPOINT_REFUSED = "pipeline.checkpoint_refused"  # why a checkpoint was not resumed
+RESUMES = "pipeline.resumes"  # JSON list: each continuation of the run, oldest first
+RESUMED_RUN = "pipeline.resumed_run_id"  # on the launcher's run of `-e train -P resume=ID`
 OPTUNA_TRIAL = "optuna.trial"  # Optuna's own names, kept as Optuna users know them
 OPTUNA_STATE = "optuna.state"
 

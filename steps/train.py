@@ -2,10 +2,19 @@
 
 Reads:  ``--data`` (a download_data artifact URI; empty = the newest finished download_data
         run of the experiment). The artifact's digest is verified before training.
+        The run's own checkpoint, when it has one (``steps/checkpoints.py``): a train run
+        that ended KILLED or FAILED and is started again (``main`` does it; ``--resume
+        RUN_ID`` alone) continues at the epoch after its checkpoint, in the same run.
 Writes: params (every option, plus the resolved data URI);
         metrics per epoch ``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``;
-        ``best_val_accuracy``, ``best_epoch``; figure ``training_curves.png``;
-        model ``model`` (``mlflow.pytorch.log_model``, pt2 format, TensorSpec signature:
+        ``best_val_accuracy``, ``best_epoch``, ``stopped_epoch`` (with ``--patience``),
+        ``checkpoint_seconds`` (this attempt's time spent writing checkpoints);
+        MLflow's ``system/*`` metrics (CPU, memory, GPU where there is one);
+        figure ``training_curves.png``;
+        every ``--checkpoint-every`` epochs, ``checkpoint/state-{0,1}.pt`` in turn and the
+        tag ``pipeline.checkpoint`` naming the newest whole one; ``pipeline.resumes``;
+        model ``model`` (``mlflow.pytorch.log_model`` at ``step`` = the best epoch, linked
+        to that epoch's metrics; pt2 format, TensorSpec signature:
         raw pixels float32 (-1, 28, 28) -> class probabilities float32 (-1, 10));
         model ``classifier`` (pyfunc from ``steps/serving.py`` with the same weights and
         ``steps/core/model.py``: raw images in any common layout -> ``label`` and
@@ -21,20 +30,26 @@ started by torch's elastic launcher, ``batch_size`` staying the global batch; wi
 either way, owned by this process on node 0; global rank 0 logs into it. Other nodes run
 ``python -m steps.train --workers N --nodes M --node-rank R --rdzv-endpoint host:port``,
 which creates no run and needs no tracking server: data and settings come from node 0.
+
+``--resume RUN_ID`` continues that KILLED or FAILED train run (same parameters required;
+``--data`` may stay empty). Under ``mlflow run`` the launcher's own new run then only
+points at it (``pipeline.step`` = ``resume``, ``pipeline.resumed_run_id``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
 
-from steps import distributed, options
+from steps import distributed, options, tags
+from steps.checkpoints import check_resumable_run
 from steps.cli import StepError, run_cli
 from steps.core.choices import parse_hidden
 from steps.fitting import train_replica, train_tracked
-from steps.runs import latest_finished_run, log_cli_params, step_run
+from steps.runs import latest_finished_run, log_cli_params, param_differences, step_run
 
 log = logging.getLogger("steps.train")
 
@@ -48,9 +63,13 @@ log = logging.getLogger("steps.train")
 @options.NODES()
 @options.NODE_RANK()
 @options.RDZV_ENDPOINT()
+@options.CHECKPOINT_EVERY()
+@click.option("--resume", default="", show_default=True,
+              help="Continue this KILLED or FAILED train run from its checkpoint.")
 def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer: str,
-        arch: str, hidden: str, val_fraction: float, seed: int, device: str, workers: int,
-        nodes: int, node_rank: int, rdzv_endpoint: str) -> None:
+        arch: str, hidden: str, seed: int, patience: int, val_fraction: float, device: str,
+        workers: int, nodes: int, node_rank: int, rdzv_endpoint: str, checkpoint_every: int,
+        resume: str) -> None:
     """Train ARCH on the data artifact and log the best epoch's model."""
     from steps.core.training import TrainConfig, resolve_device
 
@@ -62,16 +81,17 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     options.check_model_fits(arch, hidden, batch_size)
     config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                          optimizer=optimizer, arch=arch, hidden=parse_hidden(hidden),
-                         seed=seed, device=device)
+                         seed=seed, device=device, patience=patience)
     replica = distributed.launched_rank()
     if replica is not None:  # one rank of a job our launcher started
         try:
             if replica.rank == 0:
                 import mlflow
 
-                with mlflow.start_run(run_id=distributed.rank_run_id()) as run:
+                with mlflow.start_run(run_id=distributed.rank_run_id(),
+                                      log_system_metrics=True) as run:
                     train_tracked(run, data, config, val_fraction,
-                                  str(resolve_device(device)), replica)
+                                  str(resolve_device(device)), replica, checkpoint_every)
             else:
                 train_replica(replica)
         except BaseException as exc:
@@ -87,7 +107,17 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
         return
     import mlflow
 
-    with step_run("train") as run:
+    continued = None
+    if resume:
+        continued = check_resumable_run(
+            mlflow.MlflowClient(), resume,
+            lambda run: param_differences(run, ignore=("resume", "data") if not data else
+                                          ("resume",)))
+        data = data or continued.data.params.get("data", "")
+        point_launcher_run_at(continued)
+    # One process per job measures the machine: here, or rank 0 when ranks train.
+    with step_run("train", run_id=continued and continued.info.run_id,
+                  log_system_metrics=not scale.distributed) as run:
         # The cheap checks first: no data is fetched for a device that is not there.
         try:
             resolved_device = str(resolve_device(device))
@@ -108,7 +138,22 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
             # The ranks train and log; this process waits, and ends the run for them.
             distributed.launch(scale, [*sys.argv[1:], "--data", data], run.info.run_id)
         else:
-            train_tracked(run, data, config, val_fraction, resolved_device)
+            train_tracked(run, data, config, val_fraction, resolved_device,
+                          checkpoint_every=checkpoint_every)
+
+
+def point_launcher_run_at(continued) -> None:
+    """Under ``mlflow run -P resume=ID`` the launcher made a new run before this process
+    began; the work goes on in ``continued``, and the new run says so."""
+    import mlflow
+    from mlflow.entities import RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    launcher_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    if launcher_run and launcher_run != continued.info.run_id:
+        mlflow.MlflowClient().log_batch(launcher_run, tags=[
+            RunTag(tags.STEP, "resume"), RunTag(tags.RESUMED_RUN, continued.info.run_id),
+            RunTag(MLFLOW_RUN_NAME, f"train (resumes {continued.info.run_id[:8]})")])
 
 
 if __name__ == "__main__":

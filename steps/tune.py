@@ -5,7 +5,7 @@ Reads:  one download_data run's artifact, fetched (or reused from the step cache
         ``--study-name`` in that storage, shared with every other ``tune`` pointed at it.
 Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``optimizer``,
         ``arch``, ``hidden``; per-epoch ``train_loss``, ``val_loss``, ``val_accuracy``;
-        ``best_val_accuracy``; tag ``optuna.state`` COMPLETE or PRUNED; a diverging
+        ``best_val_accuracy``; ``stopped_epoch`` with ``--patience`` (early stopping); tag ``optuna.state`` COMPLETE or PRUNED; a diverging
         trial's run is FAILED and the sweep goes on);
         on this run: params (every option), metrics ``best_val_accuracy``,
         ``completed_trials``, ``pruned_trials``, params ``best_<name>`` for the winner,
@@ -58,13 +58,14 @@ log = logging.getLogger("steps.tune")
 @click.option("--timeout", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop starting trials after this many seconds (0 = no limit).")
 @options.SEED()
+@options.PATIENCE()
 @options.MODEL_NAME()
 @click.option("--storage", default="",
               help="Optuna storage URL shared by several tune processes (empty = in memory).")
 @click.option("--study-name", default="",
               help="Study to create or join in the storage (empty = tune-<dataset>).")
 def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, seed: int,
-        model_name: str, storage: str, study_name: str) -> None:
+        patience: int, model_name: str, storage: str, study_name: str) -> None:
     """Search hyperparameters with Optuna; log the best trial's model."""
     import mlflow
     import optuna
@@ -84,7 +85,7 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
             "download_data", {"dataset": dataset, "data_dir": data_dir}, data_dir=data_dir)
         data_uri = data_run.data.tags[tags.DATA_URI]
         mlflow.set_tag(tags.DATA_URI, data_uri)
-        objective = Objective(load_data_artifact(data_uri), data_uri, epochs, seed)
+        objective = Objective(load_data_artifact(data_uri), data_uri, epochs, seed, patience)
         study = optuna.create_study(
             direction="maximize", study_name=study_name or f"tune-{parent.info.run_id}",
             storage=shared, load_if_exists=True,
@@ -104,7 +105,7 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
                             "widen the search with more epochs or trials")
         with mlflow.start_run(run_id=best.run_id, nested=True):
             model_uri = log_models(best.network, best.config.arch, best.config.hidden,
-                                   best.example)
+                                   best.example, step=best.epoch)
         best_params = log_sweep_summary(study)
         mlflow.set_tags({tags.MODEL_URI: model_uri, tags.BEST_TRIAL_RUN: best.run_id})
         if shared is not None:

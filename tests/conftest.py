@@ -194,18 +194,22 @@ def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 1
 # --------------------------------------------------------------------------- processes
 
 
-def wait_for_training(timeout: float = 120, step: str = "train") -> None:
-    """Block until some run of ``step`` has logged an epoch, i.e. is mid-training."""
+def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
+                      poll: float = 0.3):
+    """Block until some run of ``step`` has logged ``epoch`` (so is mid-training, in the
+    epoch after it); return that run."""
     import mlflow
 
     client = mlflow.MlflowClient()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'"):
-            if "val_accuracy" in run.data.metrics:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"no {step} run reached its first epoch in {timeout}s")
+            if "val_accuracy" in run.data.metrics and (epoch == 1 or any(
+                    m.step >= epoch for m in
+                    client.get_metric_history(run.info.run_id, "val_accuracy"))):
+                return run
+        time.sleep(poll)
+    raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s")
 
 
 def _default_interrupts() -> None:

@@ -280,3 +280,35 @@ def test_a_taken_rendezvous_port_is_one_line_and_a_failed_run(tmp_path):
         run = train_runs()[0]
         assert run.info.status == "FAILED"
         assert "could not start" in run.data.tags[tags.ENDED_BECAUSE]
+
+
+@pytest.mark.slow
+def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs):
+    """The whole job SIGKILLed (a lost machine) after epoch 1, then continued with ``resume``:
+    one run, every epoch logged once, the uninterrupted two-worker result."""
+    with temporary_store(jobs["root"]):
+        client = mlflow.MlflowClient()
+        before = {r.info.run_id for r in train_runs()}
+        params = ["-P", f"data={jobs['data']}", "-P", f"epochs={EPOCHS}", "-P", "workers=2",
+                  "-P", "device=cpu"]
+        proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
+                      "train", "--env-manager", "local", *params])
+        deadline, run_id = time.monotonic() + 180, ""
+        while not run_id and time.monotonic() < deadline:
+            for run in train_runs():
+                if run.info.run_id not in before and client.get_metric_history(
+                        run.info.run_id, "val_accuracy"):
+                    run_id = run.info.run_id
+            time.sleep(0.05)
+        assert run_id, "the job never finished its first epoch"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert_group_gone(proc.pid)
+        saved = json.loads(client.get_run(run_id).data.tags[tags.CHECKPOINT])["epoch"]
+        assert 1 <= saved < EPOCHS
+        result = mlflow_run("-e", "train", *params, "-P", f"resume={run_id}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert json.loads(run.data.tags[tags.RESUMES])[0]["from_epoch"] == saved + 1
+        assert_same_training(metric_histories(jobs[2]), metric_histories(run_id))

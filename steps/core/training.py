@@ -6,6 +6,11 @@ Train and validation are index sets into that one array, not copies of it. So me
 with the data by about one byte per pixel, and no Dataset/DataLoader or per-sample Python
 work sits in the loop: for a model this small the data path, not the arithmetic, is what an
 epoch costs.
+
+Everything the loop needs to continue exactly where it stopped (weights, optimiser state,
+the shuffling generator and the global RNG, the best epoch with its weights, the history)
+is one plain dict, :func:`training_state`: tensors, numbers and strings only, so that
+``torch.load(weights_only=True)`` reads it back and no pickled code is ever run.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class TrainConfig:
     hidden: tuple[int, int] | None = None
     seed: int = 42
     device: str = "auto"
+    patience: int = 0  # stop after this many epochs without a better val_accuracy; 0 = off
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -62,9 +68,16 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}")
+        if self.patience < 0:
+            raise ValueError("patience must be >= 0")
 
     def as_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def as_record(self) -> dict:
+        """Every field as a plain value (hidden as a list, or None): what a checkpoint
+        stores to tell whether it can continue this configuration."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -83,6 +96,16 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     device: str = "cpu"
+    stopped_epoch: int = 0  # the epoch early stopping ended training at; 0 = it ran through
+    resumed_from: int = 0  # the checkpoint's epoch when training continued one; 0 = fresh
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot continue this training: unreadable, or made for another
+    configuration. Its message says what does not match."""
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -162,6 +185,9 @@ def train(
     on_epoch_end: Callable[[EpochResult], None] | None = None,
     progress: bool = False,
     replica: Replica = Replica(),
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
 ) -> TrainResult:
     """Train a fresh ``config.arch`` network on ``images[train_idx]``, validate on
     ``images[val_idx]``, and return it with the best epoch's weights.
@@ -169,6 +195,13 @@ def train(
     ``on_epoch_end`` sees each epoch's result (the scripts log it; a tuner may raise there
     to prune a trial). ``progress`` shows epoch and batch progress bars instead of a log
     line per epoch (for terminals).
+
+    Every ``checkpoint_every`` epochs, and at the last one, ``on_checkpoint`` gets the
+    :func:`training_state` (before ``on_epoch_end``: an epoch whose result was reported is
+    always in a checkpoint). ``resume_from``, such a state, continues that training at its
+    next epoch; the result is then exactly the uninterrupted one on the CPU.
+    ``config.patience`` > 0 stops once ``val_accuracy`` has not improved for that many
+    epochs.
 
     With a ``replica`` of a larger job, ``config.batch_size`` is the global batch: this
     process trains on its slice of each one under DistributedDataParallel, which averages
@@ -180,27 +213,35 @@ def train(
     if device.type == "cuda" and replica.world > 1:
         device = torch.device("cuda", replica.local_rank)
     model = build_model(config.arch, config.hidden).to(device)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
+                               device)
+    shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
+    result = TrainResult(model=model, device=str(device))
+    best_state = None
+    if resume_from is not None:
+        check_resumable(resume_from, config)
+        best_state = _restore(resume_from, model, optimizer, shuffle, result)
     stepped = model
-    if replica.world > 1:
+    if replica.world > 1:  # after a restore: DDP starts every replica from rank 0's weights
         from torch.nn.parallel import DistributedDataParallel
 
         stepped = DistributedDataParallel(model, device_ids=[device.index]
                                           if device.type == "cuda" else None)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
-                               device)
     x, y = to_device_tensors(images, labels, device)
     train_ids = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
     val_ids = torch.from_numpy(np.asarray(val_idx, dtype=np.int64)).to(device)
-    shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
     n = len(train_ids)
 
-    result = TrainResult(model=model, device=str(device))
-    best_state = None
-    epochs = range(1, config.epochs + 1)
+    first = result.resumed_from + 1
+    if resume_from is not None and _patience_ran_out(result, config):
+        first = config.epochs + 1  # the checkpoint had already stopped early
+        result.stopped_epoch = result.resumed_from
+    epochs = range(first, config.epochs + 1)
     if progress:
         from tqdm import tqdm
 
-        epochs = tqdm(epochs, desc="training", unit="epoch", position=0)
+        epochs = tqdm(epochs, desc="training", unit="epoch", position=0,
+                      initial=first - 1, total=config.epochs)
     for epoch in epochs:
         started = time.perf_counter()
         stepped.train()
@@ -242,12 +283,102 @@ def train(
             )
         if best_state is None or val_acc > result.best_val_accuracy:
             result.best_val_accuracy, result.best_epoch = val_acc, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in
-                          model.state_dict().items()}
+            best_state = _cpu_copy(model.state_dict())
+        stop = _patience_ran_out(result, config)
+        if on_checkpoint is not None and checkpoint_every > 0 and (
+                epoch % checkpoint_every == 0 or epoch == config.epochs or stop):
+            on_checkpoint(training_state(config, model, optimizer, shuffle, result,
+                                         best_state))
         if on_epoch_end is not None:
             on_epoch_end(epoch_result)
+        if stop:
+            result.stopped_epoch = epoch
+            log.info("early stop at epoch %d: no better val_accuracy than epoch %d's %.4f in "
+                     "%d epochs", epoch, result.best_epoch, result.best_val_accuracy,
+                     config.patience)
+            break
 
     best_model = copy.deepcopy(model).to("cpu")
     best_model.load_state_dict(best_state)
     result.model = best_model.eval()
     return result
+
+
+def _patience_ran_out(result: TrainResult, config: TrainConfig) -> bool:
+    epoch = result.history[-1].epoch if result.history else 0
+    return config.patience > 0 and epoch - result.best_epoch >= config.patience
+
+
+def _cpu_copy(tree):
+    """``tree`` (nested dicts and lists of tensors) with every tensor copied to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
+
+def training_state(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   shuffle: torch.Generator, result: TrainResult, best_state: dict) -> dict:
+    """Everything :func:`train` needs to continue after ``result.history[-1]``: on the CPU,
+    in types ``torch.load(weights_only=True)`` accepts."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.as_record(),
+        "epoch": result.history[-1].epoch,
+        "model": _cpu_copy(model.state_dict()),
+        "optimizer": _cpu_copy(optimizer.state_dict()),
+        "best_model": best_state,
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": result.best_val_accuracy,
+        "history": [asdict(h) for h in result.history],
+        "rng": {"shuffle": shuffle.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+STATE_KEYS = ("format", "config", "epoch", "model", "optimizer", "best_model", "best_epoch",
+              "best_val_accuracy", "history", "rng")
+
+
+def check_resumable(state: dict, config: TrainConfig) -> None:
+    """Raise CheckpointError unless ``state`` is a whole :func:`training_state` of
+    ``config``'s training."""
+    if not isinstance(state, dict) or set(STATE_KEYS) - set(state):
+        missing = sorted(set(STATE_KEYS) - set(state)) if isinstance(state, dict) else []
+        raise CheckpointError("it is not a training checkpoint"
+                              + (f" (no {', '.join(missing)})" if missing else ""))
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"it has format {state['format']}, this code reads "
+                              f"{CHECKPOINT_FORMAT}")
+    ours = config.as_record()
+    differ = [f"{k}={state['config'].get(k)!r} there, {v!r} here" for k, v in ours.items()
+              if state["config"].get(k) != v]
+    if differ:
+        raise CheckpointError("it was made with other parameters: " + "; ".join(differ))
+    if not 1 <= state["epoch"] <= config.epochs or len(state["history"]) != state["epoch"]:
+        raise CheckpointError(f"its epoch {state['epoch']} and history of "
+                              f"{len(state['history'])} epochs do not fit {config.epochs} epochs")
+
+
+def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+             shuffle: torch.Generator, result: TrainResult) -> dict:
+    """Put ``state`` back into the fresh objects; return the best epoch's weights."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffle.set_state(state["rng"]["shuffle"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        result.history = [EpochResult(**h) for h in state["history"]]
+        copy.deepcopy(model).load_state_dict(state["best_model"])  # its shapes must fit too
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"it does not fit this network or optimiser ({first.strip()})"
+                              ) from None
+    result.best_epoch, result.best_val_accuracy = state["best_epoch"], state["best_val_accuracy"]
+    result.resumed_from = state["epoch"]
+    return state["best_model"]
