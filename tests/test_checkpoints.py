@@ -236,6 +236,9 @@ def _assert_resumed_exactly(run_id: str, uninterrupted: dict, after: str) -> Non
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     got = outcome(run)
+    print(f"resumed {run_id}: final sha256 {got['final_sha256']}, logged sha256 "
+          f"{got['logged_sha256']}; uninterrupted: {uninterrupted['final_sha256']}, "
+          f"{uninterrupted['logged_sha256']}")
     assert got == uninterrupted
     assert [s for s, _ in got["history"]["val_accuracy"]] == list(range(1, EPOCHS + 1))
     resumes = json.loads(run.data.tags[tags.RESUMES])

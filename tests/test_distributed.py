@@ -301,9 +301,19 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
                     run_id = run.info.run_id
             time.sleep(0.05)
         assert run_id, "the job never finished its first epoch"
+        # The ranks run in sessions of their own (torch's agent starts them so): a lost
+        # machine takes the launcher's group and every rank at once.
+        ranks = _ranks_of(run_id)
+        assert sorted(ranks) == [0, 1]
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks.values():
+            os.kill(pid, signal.SIGKILL)
         proc.communicate(timeout=60)
         assert_group_gone(proc.pid)
+        deadline = time.monotonic() + 30
+        while _ranks_of(run_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ranks_of(run_id) == {}
         saved = json.loads(client.get_run(run_id).data.tags[tags.CHECKPOINT])["epoch"]
         assert 1 <= saved < EPOCHS
         result = mlflow_run("-e", "train", *params, "-P", f"resume={run_id}")
