@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import platform
 import shutil
@@ -200,6 +201,7 @@ def system_metrics_cost(dataset, n_train: int, store: Path) -> dict:
     import mlflow
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop
     cfg = TrainConfig(epochs=2, device="cpu")
     ids = np.arange(n_train), np.arange(n_train, len(dataset.y_train))
     times: dict[str, list[float]] = {"with": [], "without": []}
@@ -212,7 +214,7 @@ def system_metrics_cost(dataset, n_train: int, store: Path) -> dict:
                 result = train(cfg, dataset.x_train, dataset.y_train, *ids)
                 monitor.finish()
             times[mode] += [h.seconds for h in result.history]
-    with_s, without_s = np.mean(times["with"]), np.mean(times["without"])
+    with_s, without_s = float(np.mean(times["with"])), float(np.mean(times["without"]))
     return {"epoch_with_s": with_s, "epoch_without_s": without_s,
             "overhead": with_s / without_s - 1}
 

@@ -150,6 +150,40 @@ def test_patience_stops_where_the_metric_plateaus(tiny_split):
     assert unlimited.stopped_epoch == 0 and len(unlimited.history) == 6
 
 
+def test_a_continued_run_logs_every_epoch_exactly_once(tracking_uri, tiny_split):
+    """In a real store: the epochs a checkpoint holds but the run never logged (killed
+    between the two) are logged first; epochs the run already has (logged after the last
+    checkpoint, with checkpoint_every > 1) are not logged again."""
+    from types import SimpleNamespace
+
+    from steps.fitting import fit_and_log
+
+    x, y, _, _ = tiny_split
+    dataset = SimpleNamespace(x_train=x, y_train=y, name="tiny")
+    config = training.TrainConfig(epochs=4, batch_size=100, seed=0, device="cpu")
+    states = []
+    training.train(config, x, y, *training_split(len(y)), checkpoint_every=1,
+                   on_checkpoint=lambda state: states.append(_saved(state)))
+    client = mlflow.MlflowClient()
+    for logged_before, state in ((1, states[1]), (3, states[1])):
+        with mlflow.start_run() as run:
+            for epoch in range(1, logged_before + 1):  # what the stopped attempt logged
+                mlflow.log_metric("val_accuracy", -1.0, step=epoch)
+            fit_and_log(config, dataset, 0.1, resume_from=state,
+                        logged_epochs=logged_before)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert sorted(steps) == [1, 2, 3, 4], (logged_before, steps)
+        for key in ("train_loss", "val_loss"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == (
+                list(range(logged_before + 1, 5)))
+
+
+def training_split(n: int):
+    from steps.core.data import split_train_val
+
+    return split_train_val(n, 0.1, 0)
+
+
 # --------------------------------------------------------------------------- runs
 
 
