@@ -110,7 +110,7 @@ def load(run, config) -> dict | None:
     pointer = Pointer.of(run)
     if pointer is None:
         if run.data.tags.get(tags.CHECKPOINT):
-            refuse(run, "(tag unreadable)", "its pipeline.checkpoint tag is not valid JSON")
+            refuse(run, "tag", f"{tags.CHECKPOINT} is not the JSON a checkpoint writes")
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
