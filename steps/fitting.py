@@ -114,17 +114,20 @@ def fit_and_log(config, dataset, val_fraction: float,
         log_dataset(dataset.x_train, dataset.y_train, f"{dataset.name}-train",
                     context="training")
 
-    def log_epoch(epoch):
+    def log_metrics_of(epoch):
         if epoch.epoch > logged_epochs:
             mlflow.log_metrics(dict(zip(EPOCH_METRICS, (
                 epoch.train_loss, epoch.val_loss, epoch.val_accuracy, epoch.seconds),
                 strict=True)), step=epoch.epoch)
+
+    def log_epoch(epoch):
+        log_metrics_of(epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
+    # Checkpointed, then stopped before it was logged: logged now, not reported again.
     for earlier in (resume_from or {}).get("history", []):
-        if earlier["epoch"] > logged_epochs:  # checkpointed, then killed before logging
-            log_epoch(EpochResult(**earlier))
+        log_metrics_of(EpochResult(**earlier))
     try:
         result = train(config, dataset.x_train, dataset.y_train, train_idx, val_idx,
                        on_epoch_end=log_epoch, progress=sys.stderr.isatty(),
