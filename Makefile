@@ -30,7 +30,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 run: setup  ## the whole pipeline; extra params: make run ARGS='-P dataset=digits'
-	$(BIN)/python -m steps.server
+	$(BIN)/mnist-pipeline-preflight
 	$(BIN)/mlflow run . --env-manager local $(ARGS)
 
 test: setup  ## the whole suite, slow tests included (what CI runs)
@@ -52,7 +52,7 @@ serve: setup  ## REST server for the champion on 127.0.0.1:$(PORT)
 	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 tune: setup  ## hyperparameter sweep; extra params: make tune ARGS='-P trials=10'
-	$(BIN)/python -m steps.server
+	$(BIN)/mnist-pipeline-preflight
 	$(BIN)/mlflow run . -e tune --env-manager local $(ARGS)
 
 bench: setup  ## speed benchmark; writes bench/results.json

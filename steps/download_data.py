@@ -17,10 +17,10 @@ import tempfile
 
 import click
 
-from steps import options, tags
-from steps.cli import StepError, run_cli
 from steps.core.data import DataError
-from steps.runs import log_cli_params, log_dataset, run_link, step_run
+from steps.tracking import options, tags
+from steps.tracking.cli import StepError, run_cli
+from steps.tracking.runs import log_cli_params, log_dataset, run_link, step_run
 
 log = logging.getLogger("steps.download_data")
 

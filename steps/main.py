@@ -9,7 +9,7 @@ Writes: params (every option); a child run per step under this run (``mlflow.par
         ``pipeline.registered_version``. The run is named for what it ran, e.g.
         ``digits mlp e5 lr=0.001``.
 
-The step cache (``steps/cache.py``) decides per step whether an earlier run serves and, when
+The step cache (``steps/tracking/cache.py``) decides per step whether an earlier run serves and, when
 a step runs, prints one line saying why: what changed since that step's newest finished run.
 A train run with the same inputs that ended KILLED or FAILED holding a checkpoint is
 continued in place (``main: train resumes run ... at epoch 4 of 30``); ``use_cache=false``
@@ -25,18 +25,18 @@ from pathlib import Path
 
 import click
 
-from steps import options, tags
-from steps.cache import Pipeline
-from steps.cli import StepError, run_cli
-from steps.distributed import ScaleOut
-from steps.runs import (
+from steps.tracking import options, tags
+from steps.tracking.cache import Pipeline
+from steps.tracking.cli import StepError, run_cli
+from steps.tracking.distributed import ScaleOut
+from steps.tracking.runs import (
     absolutize_tracking_uri,
     describe_experiment,
     log_cli_params,
     run_link,
     step_run,
 )
-from steps.server import check_tracking_server
+from steps.tracking.store import check_tracking_server
 
 log = logging.getLogger("steps.main")
 

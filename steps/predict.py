@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from steps import options, tags
-from steps.artifacts import load_pyfunc
-from steps.cli import StepError, first_line, run_cli
+from steps.tracking import options, tags
+from steps.tracking.artifacts import load_pyfunc
+from steps.tracking.cli import StepError, first_line, run_cli
 
 log = logging.getLogger("steps.predict")
 

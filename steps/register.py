@@ -18,7 +18,7 @@ Writes: a model version of ``--model-name`` (none if this model is already regis
         tags ``pipeline.step``, ``pipeline.registered_version``, ``pipeline.alias_decision``.
 
 The registry logic (race-safe alias moves, history, comparisons) is in
-``steps/registry.py``, the challenger report in ``steps/challenger.py``.
+``steps/tracking/registry.py``, the challenger report in ``steps/tracking/challenger.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import logging
 
 import click
 
-from steps import options, tags
-from steps.challenger import log_challenger_report
-from steps.cli import StepError, run_cli
-from steps.registry import (
+from steps.tracking import options, tags
+from steps.tracking.challenger import log_challenger_report
+from steps.tracking.cli import StepError, run_cli
+from steps.tracking.registry import (
     Candidate,
     candidates,
     current_holder,
@@ -41,7 +41,7 @@ from steps.registry import (
     settle_alias,
     version_candidate,
 )
-from steps.runs import log_cli_params, run_link, step_run
+from steps.tracking.runs import log_cli_params, run_link, step_run
 
 log = logging.getLogger("steps.register")
 

@@ -2,7 +2,7 @@
 
 Reads:  ``--data`` (a download_data artifact URI; empty = the newest finished download_data
         run of the experiment). The artifact's digest is verified before training.
-        The run's own checkpoint, when it has one (``steps/checkpoints.py``): a train run
+        The run's own checkpoint, when it has one (``steps/tracking/checkpoints.py``): a train run
         that ended KILLED or FAILED and is started again (``main`` does it; ``--resume
         RUN_ID`` alone) continues at the epoch after its checkpoint, in the same run.
 Writes: params (every option, plus the resolved data URI);
@@ -16,7 +16,7 @@ Writes: params (every option, plus the resolved data URI);
         model ``model`` (``mlflow.pytorch.log_model`` at ``step`` = the best epoch, linked
         to that epoch's metrics; pt2 format, TensorSpec signature:
         raw pixels float32 (-1, 28, 28) -> class probabilities float32 (-1, 10));
-        model ``classifier`` (pyfunc from ``steps/serving.py`` with the same weights and
+        model ``classifier`` (pyfunc from ``steps/tracking/serving.py`` with the same weights and
         ``steps/core/model.py``: raw images in any common layout -> ``label`` and
         ``probabilities``; this is what evaluate, register and serving use);
         input ``<dataset>-train`` (context ``training``);
@@ -24,7 +24,7 @@ Writes: params (every option, plus the resolved data URI);
         ``pipeline.dataset``, ``pipeline.resolved_device``, ``pipeline.model_uri`` (the
         classifier), ``pipeline.network_uri`` (the pt2 network).
 
-Scale-out (``steps/distributed.py``): ``--workers N`` trains with N data-parallel processes
+Scale-out (``steps/tracking/distributed.py``): ``--workers N`` trains with N data-parallel processes
 started by torch's elastic launcher, ``batch_size`` staying the global batch; with
 ``--nodes M --node-rank R --rdzv-endpoint host:port`` the job spans M machines. One run
 either way, owned by this process on node 0; global rank 0 logs into it. Other nodes run
@@ -44,12 +44,12 @@ import sys
 
 import click
 
-from steps import distributed, options, tags
-from steps.checkpoints import check_resumable_run
-from steps.cli import StepError, run_cli
 from steps.core.choices import parse_hidden
-from steps.fitting import train_replica, train_tracked
-from steps.runs import latest_finished_run, log_cli_params, param_differences, step_run
+from steps.tracking import distributed, options, tags
+from steps.tracking.checkpoints import check_resumable_run
+from steps.tracking.cli import StepError, run_cli
+from steps.tracking.fitting import train_replica, train_tracked
+from steps.tracking.runs import latest_finished_run, log_cli_params, param_differences, step_run
 
 log = logging.getLogger("steps.train")
 

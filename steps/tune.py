@@ -23,7 +23,7 @@ trials as nested runs of its own ``tune`` run, and every trial number is distinc
 Why Optuna and not the tutorials' hyperopt: Optuna is actively maintained, prunes hopeless
 trials from their per-epoch reports (hyperopt cannot), and its define-by-run API expresses
 conditional spaces (hidden sizes that mean different things for mlp and cnn) directly.
-The search space and the trial runs are in ``steps/sweep.py``.
+The search space and the trial runs are in ``steps/tracking/sweep.py``.
 """
 
 from __future__ import annotations
@@ -32,20 +32,20 @@ import logging
 
 import click
 
-from steps import options, tags
-from steps.artifacts import load_data_artifact, log_models
-from steps.cache import Pipeline
-from steps.cli import StepError, first_line, run_cli
-from steps.redact import redact
-from steps.runs import (
+from steps.tracking import options, tags
+from steps.tracking.artifacts import load_data_artifact, log_models
+from steps.tracking.cache import Pipeline
+from steps.tracking.cli import StepError, first_line, run_cli
+from steps.tracking.redact import redact
+from steps.tracking.runs import (
     absolutize_tracking_uri,
     describe_experiment,
     log_cli_params,
     run_link,
     step_run,
 )
-from steps.server import check_tracking_server
-from steps.sweep import TRIAL_RUN_ATTR, Objective, log_sweep_summary
+from steps.tracking.store import check_tracking_server
+from steps.tracking.sweep import TRIAL_RUN_ATTR, Objective, log_sweep_summary
 
 log = logging.getLogger("steps.tune")
 

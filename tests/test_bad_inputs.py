@@ -18,14 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (
-    assert_clean_failure,
-    mlflow_run,
-    run_step,
-    temporary_store,
-    write_idx_folder,
-)
-from steps.cli import run_cli
+from helpers.data import write_idx_folder
+from helpers.processes import assert_clean_failure, mlflow_run, run_step
+from helpers.store import temporary_store
+from steps.tracking.cli import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import copy_project, mlflow_run
-from steps import cache, tags
-from steps.cache import Pipeline, StepInputs, code_files
+from helpers.processes import copy_project, mlflow_run
+from steps.tracking import cache, tags
+from steps.tracking.cache import Pipeline, StepInputs, code_files
 
 TRAIN_PARAMS = {"data": "runs:/aaaa/data", "epochs": 1, "learning_rate": 0.001,
                 "batch_size": 64, "optimizer": "adam", "arch": "mlp", "hidden": "",
@@ -44,21 +44,21 @@ def record(pipeline, inputs: StepInputs, **extra_tags: str):
 
 def test_train_key_covers_what_train_runs_and_ships_and_nothing_else():
     files = code_files("train")
-    for path in ("steps/train.py", "steps/fitting.py", "steps/artifacts.py",
+    for path in ("steps/train.py", "steps/tracking/fitting.py", "steps/tracking/artifacts.py",
                  "steps/core/training.py", "steps/core/model.py", "steps/core/data.py",
-                 "steps/serving.py",  # shipped inside every classifier, never imported
+                 "steps/tracking/serving.py",  # shipped inside every classifier, never imported
                  "steps/__init__.py", "steps/core/__init__.py",
                  "MLproject", "conda.yaml", "requirements.txt"):
         assert path in files, path
-    for path in ("steps/evaluate.py", "steps/main.py", "steps/cache.py", "steps/registry.py",
+    for path in ("steps/evaluate.py", "steps/main.py", "steps/tracking/cache.py", "steps/tracking/registry.py",
                  "steps/core/metrics.py"):
         assert path not in files, path
-    assert "steps/registry.py" in code_files("register")
+    assert "steps/tracking/registry.py" in code_files("register")
     assert "steps/core/metrics.py" in code_files("evaluate")
 
 
 @pytest.mark.parametrize("path", [
-    "steps/train.py", "steps/fitting.py", "steps/core/training.py", "steps/serving.py",
+    "steps/train.py", "steps/tracking/fitting.py", "steps/core/training.py", "steps/tracking/serving.py",
     "steps/core/model.py", "MLproject", "requirements.txt", "conda.yaml",
 ])
 def test_editing_an_input_file_reruns_the_step_and_names_the_file(pipeline, project, path):

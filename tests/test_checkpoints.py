@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (
+from helpers.data import tiny_images, write_idx_folder
+from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
     assert_clean_failure,
@@ -32,13 +33,10 @@ from conftest import (
     run_step,
     start,
     subprocess_env,
-    temporary_store,
-    tiny_images,
-    wait_for_training,
-    write_idx_folder,
 )
-from steps import tags
+from helpers.store import temporary_store, wait_for_training
 from steps.core import training
+from steps.tracking import tags
 
 EPOCHS = 4
 # Small batches make an epoch of the digits last a second or two: long enough to be
@@ -156,7 +154,7 @@ def test_a_continued_run_logs_every_epoch_exactly_once(tracking_uri, tiny_split)
     checkpoint, with checkpoint_every > 1) are not logged again."""
     from types import SimpleNamespace
 
-    from steps.fitting import fit_and_log
+    from steps.tracking.fitting import fit_and_log
 
     x, y, _, _ = tiny_split
     dataset = SimpleNamespace(x_train=x, y_train=y, name="tiny")
@@ -379,7 +377,7 @@ def _make_train_run(status: str, checkpoint: bool = True, **params: str) -> str:
 ])
 def test_resume_refuses_what_it_cannot_continue_naming_the_parameter(tracking_uri, capsys,
                                                                      make, expected):
-    from steps.cli import run_cli
+    from steps.tracking.cli import run_cli
     from steps.train import cli
 
     run_id = make()

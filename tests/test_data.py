@@ -12,7 +12,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from conftest import write_idx_folder
+from helpers.data import write_idx_folder
 from steps.core import data
 from steps.core.data import DataError, encode_idx
 

@@ -23,7 +23,8 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import (
+from helpers.data import write_idx_folder
+from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
     assert_group_gone,
@@ -32,11 +33,9 @@ from conftest import (
     run_step,
     start,
     subprocess_env,
-    temporary_store,
-    wait_for_training,
-    write_idx_folder,
 )
-from steps import distributed, tags
+from helpers.store import temporary_store, wait_for_training
+from steps.tracking import distributed, tags
 
 EPOCHS = 3
 N_IMAGES = 6000

@@ -13,15 +13,9 @@ import time
 import mlflow
 import pytest
 
-from conftest import (
-    PROJECT_DIR,
-    VENV_BIN,
-    assert_group_gone,
-    start,
-    temporary_store,
-    wait_for_training,
-)
-from steps.cli import run_cli
+from helpers.processes import PROJECT_DIR, VENV_BIN, assert_group_gone, start
+from helpers.store import temporary_store, wait_for_training
+from steps.tracking.cli import run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_step, subprocess_env, write_idx_folder
-from steps import tags
+from helpers.data import write_idx_folder
+from helpers.processes import run_step, subprocess_env
+from steps.tracking import tags
 from tools.peak_rss import run_with_peak_rss
 
 SIZES = (4_000, 44_000)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from conftest import mlflow_run, temporary_store
-from steps import tags
+from helpers.processes import mlflow_run
+from helpers.store import temporary_store
+from steps.tracking import tags
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import threading
 import mlflow
 import pytest
 
-from steps import registry as registry_module
-from steps.cli import StepError
-from steps.registry import (
+from steps.tracking import registry as registry_module
+from steps.tracking.cli import StepError
+from steps.tracking.registry import (
     Candidate,
     alias_history,
     best_of,

@@ -9,9 +9,10 @@ import io
 import mlflow
 import pytest
 
-from conftest import assert_clean_failure, run_entry, run_step, temporary_store
-from steps import tags
-from steps.registry import alias_history
+from helpers.processes import assert_clean_failure, run_entry, run_step
+from helpers.store import temporary_store
+from steps.tracking import tags
+from steps.tracking.registry import alias_history
 
 pytestmark = pytest.mark.slow
 

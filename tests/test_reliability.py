@@ -12,20 +12,12 @@ import time
 import mlflow
 import pytest
 
-from conftest import (
-    VENV_BIN,
-    TrackingServer,
-    assert_group_gone,
-    copy_project,
-    start,
-    subprocess_env,
-    temporary_store,
-    wait_for_training,
-)
-from steps import tags
-from steps.cli import run_cli
+from helpers.processes import VENV_BIN, assert_group_gone, copy_project, start, subprocess_env
+from helpers.store import TrackingServer, temporary_store, wait_for_training
 from steps.download_data import cli as download_data
-from steps.runs import _process_start, close_orphans
+from steps.tracking import tags
+from steps.tracking.cli import run_cli
+from steps.tracking.runs import _process_start, close_orphans
 
 PIPELINE = ["-P", "dataset=digits", "-P", "epochs=500", "-P", "batch_size=4"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import (
+from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
     free_port,
@@ -27,9 +27,9 @@ from conftest import (
     subprocess_env,
     wait_for_http,
 )
-from steps import tags
-from steps.cli import StepError, run_cli, setup_logging
-from steps.redact import redact
+from steps.tracking import tags
+from steps.tracking.cli import StepError, run_cli, setup_logging
+from steps.tracking.redact import redact
 
 ADMIN_PASSWORD = "Adm1n-pw-n0t-default-7Q"
 USER_PASSWORD = "B0b-pw-s3cret-9Z"

@@ -11,14 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import (
-    PROJECT_DIR,
-    VENV_BIN,
-    TrackingServer,
-    copy_project,
-    mlflow_run,
-    subprocess_env,
-)
+from helpers.processes import PROJECT_DIR, VENV_BIN, copy_project, mlflow_run, subprocess_env
+from helpers.store import TrackingServer
 
 pytestmark = pytest.mark.slow
 

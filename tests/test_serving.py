@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.request
 
 import mlflow
@@ -14,16 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import (
+from helpers.processes import (
+    PROJECT_DIR,
     VENV_BIN,
     free_port,
     run_step,
     subprocess_env,
-    temporary_store,
     wait_for_http,
 )
-from steps.cli import run_cli
+from helpers.store import temporary_store
 from steps.core.data import load_digits_dataset
+from steps.tracking.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,61 @@ def test_predict_bad_inputs(champion, tmp_path):
     result = run_step("predict", "--images", str(bad))
     assert result.returncode != 0 and "(N, 28, 28)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+OLD_LAYOUT_SCRIPT = """
+import sys
+import numpy as np, mlflow, torch
+from steps.artifacts import log_classifier   # where the library sat before steps/tracking/
+from steps.core.model import build_model
+
+torch.manual_seed(0)
+network = build_model("mlp").eval()
+images = np.load(sys.argv[1])
+with torch.no_grad():
+    expected = network(torch.from_numpy(images)).argmax(1).numpy()
+np.save(sys.argv[2], expected)
+with mlflow.start_run():
+    print(log_classifier(network, "mlp", None, images[:2]).model_uri)
+"""
+
+
+def old_layout(dest) -> str:
+    """The project as it was before the library moved into ``steps/tracking/``, from git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    moved = git("log", "--diff-filter=D", "--format=%H", "-1", "--", "steps/serving.py")
+    assert moved, "git history has no commit that moved steps/serving.py (a shallow clone?)"
+    subprocess.run(f"git archive {moved}^ steps | tar -x -C {dest}", shell=True, check=True,
+                   cwd=PROJECT_DIR)
+    assert (dest / "steps" / "serving.py").is_file()
+    return moved
+
+
+def test_a_classifier_logged_by_the_old_layout_still_loads_and_serves(tracking_uri, tmp_path,
+                                                                      digits):
+    from mlflow.pyfunc import scoring_server
+
+    old = tmp_path / "old"
+    old.mkdir()
+    old_layout(old)
+    images = digits[0].astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    logged = subprocess.run(
+        [sys.executable, "-c", OLD_LAYOUT_SCRIPT, str(tmp_path / "images.npy"),
+         str(tmp_path / "expected.npy")],
+        cwd=old, env={**subprocess_env(), "PYTHONPATH": str(old)}, capture_output=True,
+        text=True, timeout=300)
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    model_uri = logged.stdout.split()[-1]
+    expected = np.load(tmp_path / "expected.npy")
+    # Loaded and served here, where steps/serving.py no longer exists.
+    assert not (PROJECT_DIR / "steps" / "serving.py").exists()
+    model = mlflow.pyfunc.load_model(model_uri)
+    assert model.predict(images)["label"].tolist() == expected.tolist()
+    client = scoring_server.init(model).test_client()
+    response = client.post("/invocations", json={"inputs": images.tolist()})
+    assert response.status_code == 200, response.text
+    assert [p["label"] for p in response.json["predictions"]] == expected.tolist()

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_entry, run_step, temporary_store, write_idx_folder
-from steps import tags
+from helpers.data import write_idx_folder
+from helpers.processes import run_entry, run_step
+from helpers.store import temporary_store
+from steps.tracking import tags
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,8 @@ import sys
 import mlflow
 import pytest
 
-from conftest import (
-    assert_clean_failure,
-    mlflow_run,
-    run_step,
-    subprocess_env,
-    temporary_store,
-)
+from helpers.processes import assert_clean_failure, mlflow_run, run_step, subprocess_env
+from helpers.store import temporary_store
 
 pytestmark = pytest.mark.slow
 

@@ -14,16 +14,16 @@ import subprocess
 import mlflow
 import pytest
 
-from conftest import (
+from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
     free_port,
     mlflow_run,
     subprocess_env,
-    temporary_store,
     wait_for_http,
 )
-from steps import tags
+from helpers.store import temporary_store
+from steps.tracking import tags
 
 pytestmark = pytest.mark.slow
 

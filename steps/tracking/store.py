@@ -3,19 +3,19 @@ login; a new sqlite store created by one process at a time.
 
 MLflow's client retries an unreachable server for minutes and reports a refused login as a
 traceback; this asks once, with a short timeout, and says what is wrong in one line (the
-URI without its secrets). ``make run`` and ``make tune`` call this module before ``mlflow run``
-(whose launcher talks to the server before any project code runs), and ``main`` and
-``tune`` call it when they start.
+URI without its secrets). ``main`` and ``tune`` call it when they start; ``make run`` and
+``make tune`` call it before ``mlflow run`` (whose launcher talks to the server before any
+project code runs) through the preflight plugin's command:
 
-    python -m steps.server   # exit 0, or one error line and exit 1
+    mnist-pipeline-preflight   # exit 0, or one error line and exit 1
 """
 
 from __future__ import annotations
 
 import os
 
-from steps.cli import StepError
-from steps.redact import redact
+from steps.tracking.cli import StepError
+from steps.tracking.redact import redact
 
 TIMEOUT_S = 5
 
@@ -81,16 +81,9 @@ def prepare_store(uri: str) -> None:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
-if __name__ == "__main__":
-    import click
-
-    from steps.cli import run_cli
-
-    @click.command()
-    def cli() -> None:
-        """Check the store named by MLFLOW_TRACKING_URI (a server) or create it (sqlite)."""
-        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-        check_tracking_server(uri)
-        prepare_store(uri)
-
-    run_cli(cli)
+def prepare(uri: str | None = None) -> None:
+    """Both checks for the store ``uri`` names (default: MLFLOW_TRACKING_URI): a server is
+    reachable and takes the login, a new sqlite store gets its tables."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
+    check_tracking_server(uri)
+    prepare_store(uri)

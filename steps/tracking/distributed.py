@@ -27,9 +27,9 @@ import sys
 import tempfile
 from datetime import timedelta
 
-from steps.cli import Interrupted, StepError
+from steps.tracking.cli import Interrupted, StepError
 
-log = logging.getLogger("steps.distributed")
+log = logging.getLogger("steps.tracking.distributed")
 
 # Set by our launcher on the ranks it starts, to the run they train into ("" off node 0).
 LAUNCHED_FOR_RUN = "PIPELINE_RANK_OF_RUN"
@@ -141,7 +141,7 @@ def launch(scale: ScaleOut, args: list[str], run_id: str = "") -> None:
     except SignalException as exc:
         raise Interrupted(signal.Signals(exc.sigval).name) from None
     except Exception as exc:  # the rendezvous: node 0 unreachable, its port taken, ...
-        from steps.cli import first_line
+        from steps.tracking.cli import first_line
 
         where = f" at rdzv_endpoint={scale.rdzv_endpoint}" if scale.rdzv_endpoint else ""
         raise StepError(f"the training job could not start{where}: "
@@ -238,8 +238,8 @@ def report_failure(exc: BaseException) -> None:
     import tempfile
     import time
 
-    from steps.cli import first_line
-    from steps.redact import redact
+    from steps.tracking.cli import first_line
+    from steps.tracking.redact import redact
 
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:

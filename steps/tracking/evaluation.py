@@ -8,10 +8,10 @@ from __future__ import annotations
 import csv
 import io
 
-from steps import tags
-from steps.artifacts import load_pyfunc
-from steps.cli import StepError, first_line
-from steps.runs import latest_finished_run, log_dataset
+from steps.tracking import tags
+from steps.tracking.artifacts import load_pyfunc
+from steps.tracking.cli import StepError, first_line
+from steps.tracking.runs import latest_finished_run, log_dataset
 
 
 def resolve_model(client, experiment_id: str, model_uri: str, model_name: str):

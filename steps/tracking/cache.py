@@ -8,7 +8,7 @@ A step's inputs (:class:`StepInputs`) are everything that can change its result:
 - every project file its process runs or ships into a model: the entry script named in
   MLproject's command, the project modules it imports (found by reading the imports, at
   any depth, in functions too), the modules it names as strings (what a logged model
-  carries, ``steps.artifacts.SHIPPED_MODULES``), their packages' ``__init__`` files,
+  carries, ``steps.tracking.artifacts.SHIPPED_MODULES``), their packages' ``__init__`` files,
   and ``MLproject``, ``conda.yaml`` and ``requirements.txt``;
 - the installed versions of the packages ``requirements.txt`` pins;
 - for ``data_dir``, the names, sizes and modification times of the files in it.
@@ -17,9 +17,9 @@ Their hash is the run's ``pipeline.cache_key`` tag, found with one ``search_runs
 the inputs themselves are kept beside it (``pipeline.cache_inputs``, JSON), so that a step
 that runs again can say exactly what changed since the newest finished run of that step.
 A run is reused only when it FINISHED and what it hands on still exists (a listing, not a
-download: see ``steps.artifacts.output_missing``). A step's run carries its key from the
-start (``steps.runs.CACHE_ENV``), so a run with these inputs that ended KILLED or FAILED
-holding a checkpoint (train's, ``steps/checkpoints.py``) is found too, and continued in
+download: see ``steps.tracking.artifacts.output_missing``). A step's run carries its key from the
+start (``steps.tracking.runs.CACHE_ENV``), so a run with these inputs that ended KILLED or FAILED
+holding a checkpoint (train's, ``steps/tracking/checkpoints.py``) is found too, and continued in
 place rather than started again.
 """
 
@@ -37,15 +37,15 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from steps import tags
-from steps.artifacts import output_missing, read_requirements
-from steps.checkpoints import RESUMABLE_STATUSES, Pointer
-from steps.cli import StepError, first_line
-from steps.runs import CACHE_ENV, newest_runs, quote
+from steps.tracking import tags
+from steps.tracking.artifacts import output_missing, read_requirements
+from steps.tracking.checkpoints import RESUMABLE_STATUSES, Pointer
+from steps.tracking.cli import StepError, first_line
+from steps.tracking.runs import CACHE_ENV, newest_runs, quote
 
-log = logging.getLogger("steps.cache")
+log = logging.getLogger("steps.tracking.cache")
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 # Read by `mlflow run` and by the environment managers, whatever the step.
 PROJECT_FILES = ("MLproject", "conda.yaml", "requirements.txt")
 PACKAGE = "steps"
@@ -79,7 +79,7 @@ def module_path(module: str, root: Path) -> Path | None:
 
 def _named_modules(tree: ast.Module) -> set[str]:
     """Project modules a file imports (anywhere, functions included) or names in a
-    module-level string constant (``SERVING_MODULE = "steps.serving"``: a module it ships
+    module-level string constant (``SERVING_MODULE = "steps.tracking.serving"``: a module it ships
     into a model or loads by name)."""
     found = set()
     for node in ast.walk(tree):
@@ -87,7 +87,7 @@ def _named_modules(tree: ast.Module) -> set[str]:
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.add(node.module)
-            # `from steps import tags`: the name may be a module of the package.
+            # `from steps.tracking import tags`: the name may be a module of the package.
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
     for node in tree.body:
         if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)

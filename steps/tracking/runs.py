@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from steps import tags
-from steps.cli import StepError, first_line
-from steps.redact import redact
+from steps.tracking import tags
+from steps.tracking.cli import StepError, first_line
+from steps.tracking.redact import redact
 
 log = logging.getLogger("steps")
 
@@ -49,7 +49,7 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
                                     if env in os.environ}
     ended_before = None
     if not nested:  # steps started at once on a new sqlite store: one creates its tables
-        from steps.server import prepare_store
+        from steps.tracking.store import prepare_store
 
         prepare_store(mlflow.get_tracking_uri())
         if run_id or launched_by:
@@ -123,7 +123,7 @@ def add_resume(run_tags: dict, record: dict, amend: bool = False) -> None:
     mlflow.set_tag(tags.RESUMES, json.dumps(found[-MAX_RESUMES_KEPT:]))
 
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 LAUNCHER_GRACE_S = 30
 
 
@@ -137,7 +137,7 @@ def keep_killed_after_launcher(run_id: str) -> None:
     code runs in a bare launcher, so a small detached process waits for that write and
     puts KILLED back (public client calls only).
     """
-    code = (f"from steps.runs import restore_status; "
+    code = (f"from steps.tracking.runs import restore_status; "
             f"restore_status({run_id!r}, 'KILLED', {os.getppid()})")
     with contextlib.suppress(OSError):
         subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, env=os.environ.copy(),

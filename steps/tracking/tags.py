@@ -18,7 +18,7 @@ ALIAS_DECISION = "pipeline.alias_decision"
 BEST_TRIAL_RUN = "pipeline.best_trial_run_id"
 STUDY_NAME = "pipeline.study_name"  # a tune run that joined a shared Optuna study
 STUDY_BEST_RUN = "pipeline.study_best_run_id"  # the study's best trial, any worker's
-# On train runs: checkpoints and resumes (steps/checkpoints.py).
+# On train runs: checkpoints and resumes (steps/tracking/checkpoints.py).
 CHECKPOINT = "pipeline.checkpoint"  # JSON: the newest whole checkpoint (file, epoch, sha256)
 CHECKPOINT_REFUSED = "pipeline.checkpoint_refused"  # why a checkpoint was not resumed
 RESUMES = "pipeline.resumes"  # JSON list: each continuation of the run, oldest first
@@ -26,7 +26,7 @@ RESUMED_RUN = "pipeline.resumed_run_id"  # on the launcher's run of `-e train -P
 OPTUNA_TRIAL = "optuna.trial"  # Optuna's own names, kept as Optuna users know them
 OPTUNA_STATE = "optuna.state"
 
-# On runs: the step cache (steps/cache.py).
+# On runs: the step cache (steps/tracking/cache.py).
 CACHE_KEY = "pipeline.cache_key"
 CACHE_INPUTS = "pipeline.cache_inputs"
 REUSED_STEP = "pipeline.reused_step"
@@ -49,7 +49,7 @@ VERSION_EVALUATE_RUN = "evaluate_run_id"
 # longer compete for the alias until a forced move names them again.
 VERSION_DEMOTED = "demoted"
 
-# On the registered model: every alias move, a JSON list, newest last (steps/registry.py).
+# On the registered model: every alias move, a JSON list, newest last (steps/tracking/registry.py).
 ALIAS_HISTORY = "alias_history"
 
 # The alias that marks the best version; ``register`` moves it, ``evaluate`` and ``predict``
@@ -63,7 +63,7 @@ TRAINING_EXPERIMENT = "custom_model_development"
 EXPERIMENT_NOTE = "mlflow.note.content"
 
 # On runs: which process runs them, so that a later step can tell a run whose process died
-# (kill -9, OOM, a crashed machine) from one still working (steps/runs.py).
+# (kill -9, OOM, a crashed machine) from one still working (steps/tracking/runs.py).
 HOST = "pipeline.host"
 PID = "pipeline.pid"
 PID_STARTED = "pipeline.pid_started"

@@ -13,11 +13,11 @@ from __future__ import annotations
 import io
 import logging
 
-from steps import tags
-from steps.artifacts import load_data_artifact
-from steps.cli import StepError, first_line
-from steps.evaluation import PREDICTIONS_FILE, csv_text
-from steps.registry import Candidate
+from steps.tracking import tags
+from steps.tracking.artifacts import load_data_artifact
+from steps.tracking.cli import StepError, first_line
+from steps.tracking.evaluation import PREDICTIONS_FILE, csv_text
+from steps.tracking.registry import Candidate
 
 log = logging.getLogger("steps.register")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from steps import tags
 from steps.core.choices import ARCHS, OPTIMIZERS
-from steps.fitting import fit_and_log
-from steps.runs import step_run
+from steps.tracking import tags
+from steps.tracking.fitting import fit_and_log
+from steps.tracking.runs import step_run
 
 VAL_FRACTION = 0.1
 TRIAL_RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's run, for every worker

@@ -9,9 +9,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from steps import checkpoints, tags
-from steps.cli import StepError
-from steps.runs import add_resume, log_dataset, run_link
+from steps.tracking import checkpoints, tags
+from steps.tracking.cli import StepError
+from steps.tracking.runs import add_resume, log_dataset, run_link
 
 log = logging.getLogger("steps.train")
 
@@ -25,7 +25,7 @@ def train_tracked(run, data: str, config, val_fraction: float, resolved_device: 
     ``replica`` has company), log both models. Returns the classifier's model URI."""
     import mlflow
 
-    from steps.artifacts import load_data_artifact, log_models
+    from steps.tracking.artifacts import load_data_artifact, log_models
 
     dataset = load_data_artifact(data)
     mlflow.set_tags({tags.DATA_URI: data, tags.DATA_DIGEST: dataset.digest,
@@ -72,7 +72,7 @@ def train_replica(replica) -> None:
     MLflow."""
     from steps.core.data import split_train_val
     from steps.core.training import train
-    from steps.distributed import share_from_rank0
+    from steps.tracking.distributed import share_from_rank0
 
     logging.getLogger("steps.core.training").setLevel(logging.WARNING)  # rank 0 reports
     (config, val_fraction, resume_from), images, labels = share_from_rank0(None)
@@ -91,7 +91,7 @@ def fit_and_log(config, dataset, val_fraction: float,
     """Train on ``dataset`` (validation split held out with ``config.seed``), logging the
     training input, per-epoch metrics, ``best_*``, ``stopped_epoch`` (with patience) and
     ``training_curves.png`` to the active run. Returns the core's ``TrainResult``; logging
-    the model is the caller's choice (``steps.artifacts.log_models``). ``on_epoch_end``
+    the model is the caller's choice (``steps.tracking.artifacts.log_models``). ``on_epoch_end``
     may raise to stop early (pruning).
 
     Continuing a checkpoint (``resume_from``), the epochs it holds that the run has not
@@ -105,7 +105,7 @@ def fit_and_log(config, dataset, val_fraction: float,
     from steps.core.training import EpochResult, Replica, train
 
     if replica is not None:  # rank 0 of a data-parallel job (a steps.core Replica)
-        from steps.distributed import share_from_rank0
+        from steps.tracking.distributed import share_from_rank0
 
         share_from_rank0((config, val_fraction, resume_from), dataset.x_train,
                          dataset.y_train)

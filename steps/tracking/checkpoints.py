@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from steps import tags
-from steps.cli import StepError, first_line
+from steps.tracking import tags
+from steps.tracking.cli import StepError, first_line
 
 log = logging.getLogger("steps.train")
 
@@ -153,11 +153,11 @@ def check_resumable_run(client, run_id: str, differences) -> object:
     """The run ``train --resume RUN_ID`` may continue, or StepError naming ``resume``.
 
     ``differences(run)`` lists the training parameters that differ between that run and
-    this command (``steps.runs.param_differences``).
+    this command (``steps.tracking.runs.param_differences``).
     """
     from mlflow.exceptions import MlflowException
 
-    from steps.runs import close_orphans
+    from steps.tracking.runs import close_orphans
 
     try:
         run = client.get_run(run_id)

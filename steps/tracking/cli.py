@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from steps.redact import RedactingFilter, redact
+from steps.tracking.redact import RedactingFilter, redact
 
 log = logging.getLogger("steps")
 
@@ -136,7 +136,7 @@ def _click_message(exc: click.ClickException) -> str:
 def _fail(message: str, code: int) -> int:
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         # A rank of a data-parallel job: its launcher prints the line of the rank that
-        # failed first (steps.distributed), not one per rank.
+        # failed first (steps.tracking.distributed), not one per rank.
         return code
     click.echo(f"error: {redact(message)}", err=True)
     return code

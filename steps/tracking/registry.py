@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from steps import tags
-from steps.artifacts import output_missing
-from steps.cli import StepError
 from steps.core.choices import LOWER_IS_BETTER
-from steps.runs import latest_finished_run, quote
+from steps.tracking import tags
+from steps.tracking.artifacts import output_missing
+from steps.tracking.cli import StepError
+from steps.tracking.runs import latest_finished_run, quote
 
 log = logging.getLogger("steps.register")
 

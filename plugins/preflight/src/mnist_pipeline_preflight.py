@@ -4,9 +4,13 @@ MLflow's launcher talks to the tracking server (creating the run) before any pro
 runs: an unreachable server costs minutes of retries, a refused login a traceback. MLflow
 asks every registered request-header provider before each request, so this provider, in
 the launcher process only, checks the server once with the project's own check
-(``steps.server.check_tracking_server``) and ends the process with its one-line error.
+(``steps.tracking.store.check_tracking_server``) and ends the process with its one-line error.
 It adds no header; when the tracking URI carries a password it also stops MLflow from
 printing run links that show it.
+
+The same package gives ``make run`` and ``make tune`` their check before they start the
+launcher: the command ``mnist-pipeline-preflight`` (``main`` below) also creates a new sqlite
+store's tables under a lock, which no request-header hook can do (sqlite sends no request).
 """
 
 from __future__ import annotations
@@ -18,8 +22,29 @@ from mlflow.tracking.request_header.abstract_request_header_provider import (
     RequestHeaderProvider,
 )
 
-# Installed editable from <project>/plugins/preflight: the project is two folders up.
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Installed editable from <project>/plugins/preflight/src: the project is three folders up.
+PROJECT_DIR = Path(__file__).resolve().parents[3]
+
+
+def _import_project() -> None:
+    if str(PROJECT_DIR) not in sys.path:
+        sys.path.insert(0, str(PROJECT_DIR))
+
+
+def main() -> None:
+    """``mnist-pipeline-preflight``: check the store MLFLOW_TRACKING_URI names (a server) or
+    create it (sqlite); exit 0, or one error line and exit 1."""
+    _import_project()
+    import click
+
+    from steps.tracking.cli import run_cli
+    from steps.tracking.store import prepare
+
+    @click.command()
+    def cli() -> None:
+        prepare()
+
+    run_cli(cli)
 
 
 def _is_mlflow_run_launcher() -> bool:
@@ -33,15 +58,14 @@ class Preflight(RequestHeaderProvider):
         if Preflight.checked or not _is_mlflow_run_launcher():
             return False
         Preflight.checked = True
-        if str(PROJECT_DIR) not in sys.path:
-            sys.path.insert(0, str(PROJECT_DIR))
+        _import_project()
         import os
 
         import mlflow
 
-        from steps.cli import StepError, _fail
-        from steps.redact import redact
-        from steps.server import check_tracking_server
+        from steps.tracking.cli import StepError, _fail
+        from steps.tracking.redact import redact
+        from steps.tracking.store import check_tracking_server
 
         uri = mlflow.get_tracking_uri()
         if redact(uri) != uri:

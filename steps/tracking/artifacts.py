@@ -13,15 +13,15 @@ import os
 from importlib.metadata import version
 from pathlib import Path
 
-from steps import tags
-from steps.cli import StepError, first_line
+from steps.tracking import tags
+from steps.tracking.cli import StepError, first_line
 
 log = logging.getLogger("steps")
 
 # Project modules copied into every logged classifier: the served model's code and the
 # networks it rebuilds. A change to either changes what train ships, so the step cache
-# (steps/cache.py) hashes them with the code train runs.
-SERVING_MODULE = "steps.serving"
+# (steps/tracking/cache.py) hashes them with the code train runs.
+SERVING_MODULE = "steps.tracking.serving"
 NETWORK_MODULE = "steps.core.model"
 SHIPPED_MODULES = (SERVING_MODULE, NETWORK_MODULE)
 
@@ -93,7 +93,7 @@ def log_models(network, arch: str, hidden, example_images, step: int = 0) -> str
 
 
 def log_classifier(network, arch: str, hidden, example, step: int = 0):
-    """Log the served model: ``steps/serving.py`` (model from code) rebuilding ``network``
+    """Log the served model: ``steps/tracking/serving.py`` (model from code) rebuilding ``network``
     from its weights and ``steps/core/model.py``.
 
     Weights, not the pt2 program: loading a pt2 archive imports torch._dynamo (about 2 s),
@@ -109,7 +109,7 @@ def log_classifier(network, arch: str, hidden, example, step: int = 0):
     from mlflow.types.schema import Array
 
     signature = ModelSignature(
-        inputs=None,  # see steps/serving.py: several layouts and dtypes are accepted
+        inputs=None,  # see steps/tracking/serving.py: several layouts and dtypes are accepted
         outputs=Schema([ColSpec(DataType.long, "label"),
                         ColSpec(Array(DataType.float), "probabilities")]),
     )

@@ -1,0 +1,124 @@
+"""Starting the project's processes as a user would, and watching them: subprocess
+environments, `mlflow run`, entry scripts, sessions a test can signal, ports and HTTP waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(PROJECT_DIR)
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    env.pop("PIPELINE_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def run_step(module: str, *args: str, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """``python -m steps.<module> ARGS`` as a user would run it, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"steps.{module}", *args], capture_output=True, text=True,
+        timeout=timeout, env=subprocess_env(**env), cwd=os.getcwd(),
+    )
+
+
+def mlflow_run(*args: str, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """``mlflow run <project> --env-manager local ARGS`` in a subprocess."""
+    return subprocess.run(
+        [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager", "local",
+         *args],
+        capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env),
+        cwd=os.getcwd(),
+    )
+
+
+def run_entry(entry_point: str, **params):
+    """Run one entry point through the real ``mlflow.run`` (in-process launcher, local env)
+    on the current store; return its finished run."""
+    import mlflow
+
+    submitted = mlflow.run(str(PROJECT_DIR), entry_point, parameters=params,
+                           env_manager="local", synchronous=True)
+    return mlflow.MlflowClient().get_run(submitted.run_id)
+
+
+def copy_project(dest: Path) -> Path:
+    """The files git tracks in this project, copied to ``dest`` (edits there leave the
+    repository clean)."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_DIR / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_DIR / name, dest / name)
+    return dest
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *must_mention: str) -> str:
+    """Exit != 0, no traceback, and an ``error:`` line mentioning each of ``must_mention``."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    for word in must_mention:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers; fail with ``describe()`` if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{url} never answered:\n{describe()}") from None
+            time.sleep(0.5)
+
+
+def _default_interrupts() -> None:
+    # A background job of a non-interactive shell starts with SIGINT ignored, and children
+    # inherit that: without this a Ctrl-C test would prove nothing there.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    # A session of its own, so the test can signal the whole group like a terminal does.
+    return subprocess.Popen(cmd, env=subprocess_env(), cwd=os.getcwd(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, preexec_fn=_default_interrupts)
+
+
+def assert_group_gone(pgid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    raise AssertionError("processes of the interrupted run were still alive")

@@ -1,0 +1,134 @@
+"""Tracking stores for tests: a throw-away sqlite store, a real `mlflow server`, a
+throw-away PostgreSQL cluster, and queries on what the steps left in them."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from helpers.processes import VENV_BIN, free_port, subprocess_env, wait_for_http
+
+
+@contextlib.contextmanager
+def temporary_store(root: Path):
+    """Point this process and its subprocesses at a fresh sqlite store under ``root``."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PATH",
+                                             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, PATH=VENV_BIN + os.pathsep + os.environ["PATH"],
+                      MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    cwd = os.getcwd()
+    os.chdir(root)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        # Restore, not clear: a module-scoped store may be around this one.
+        mlflow.set_tracking_uri(previous)
+
+
+def runs_of(experiment_ids=("0",), filter_string: str = ""):
+    import mlflow
+
+    return mlflow.MlflowClient().search_runs(list(experiment_ids), filter_string=filter_string,
+                                             max_results=1000)
+
+
+def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
+                      poll: float = 0.3):
+    """Block until some run of ``step`` has logged ``epoch`` (so is mid-training, in the
+    epoch after it); return that run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'"):
+            if "val_accuracy" in run.data.metrics and (epoch == 1 or any(
+                    m.step >= epoch for m in
+                    client.get_metric_history(run.info.run_id, "val_accuracy"))):
+                return run
+        time.sleep(poll)
+    raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s")
+
+
+class TrackingServer:
+    """``mlflow server`` with artifacts proxied into ``root/artifacts``."""
+
+    def __init__(self, backend_uri: str, root: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend_uri,
+                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "2"],
+                env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True)
+        try:
+            wait_for_http(f"{self.url}/health", self.proc,
+                          lambda: self.log.read_text()[-3000:])
+        except AssertionError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if found:
+        return Path(found[-1]).parent
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+@contextlib.contextmanager
+def postgres_cluster():
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (run as user postgres when we are root)."""
+    bindir = postgres_bin()
+    assert bindir is not None, "PostgreSQL is not installed"
+    # Not under tmp_path: pytest's base temp dir is private to root, and the cluster runs
+    # as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="mnist-pipeline-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def run(*cmd: str) -> None:
+        subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
+
+    run(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
+        "--auth=trust")
+    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+            "mlflow")
+        # +psycopg2: the pinned driver (SQLAlchemy 2.1 would otherwise look for psycopg 3).
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop")
+        shutil.rmtree(root, ignore_errors=True)
