@@ -172,6 +172,7 @@ def old_layout(dest) -> str:
 
 def test_a_classifier_logged_by_the_old_layout_still_loads_and_serves(tracking_uri, tmp_path,
                                                                       digits):
+    from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
     old = tmp_path / "old"
@@ -191,7 +192,8 @@ def test_a_classifier_logged_by_the_old_layout_still_loads_and_serves(tracking_u
     assert not (PROJECT_DIR / "steps" / "serving.py").exists()
     model = mlflow.pyfunc.load_model(model_uri)
     assert model.predict(images)["label"].tolist() == expected.tolist()
-    client = scoring_server.init(model).test_client()
+    # The app `mlflow models serve` runs, without its process start-up.
+    client = TestClient(scoring_server.init(model))
     response = client.post("/invocations", json={"inputs": images.tolist()})
     assert response.status_code == 200, response.text
-    assert [p["label"] for p in response.json["predictions"]] == expected.tolist()
+    assert [p["label"] for p in response.json()["predictions"]] == expected.tolist()
