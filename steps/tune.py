@@ -122,10 +122,12 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
             "tune: %d trials (%d pruned), best val_accuracy %.4f: %s\n"
             "  best model (this process's best trial, run %s): %s\n"
             "  register it:  mlflow run . -e evaluate --env-manager local -P model_uri=%s "
-            "&& mlflow run . -e register --env-manager local -P model_uri=%s\n"
-            "  or retrain it through the pipeline:  mlflow run . --env-manager local %s\n  %s",
+            "&& mlflow run . -e register --env-manager local -P model_uri=%s -P model_name=%s\n"
+            "  or retrain it through the pipeline:  mlflow run . --env-manager local %s "
+            "-P model_name=%s\n  %s",
             len(study.trials), pruned, study.best_value, best_params, best.run_id,
-            model_uri, model_uri, model_uri, as_params, run_link(parent),
+            model_uri, model_uri, model_uri, model_name, as_params, model_name,
+            run_link(parent),
         )
 
 

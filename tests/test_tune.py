@@ -55,6 +55,7 @@ def test_parent_has_best_params_value_and_figures(sweep):
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert "optimization_history.png" in artifacts
     assert "retrain it through the pipeline" in sweep["stderr"]
+    assert "-P model_name=mnist-classifier" in sweep["stderr"]  # where register will put it
 
 
 def test_the_best_model_can_be_evaluated_and_registered(sweep):
