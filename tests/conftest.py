@@ -3,6 +3,7 @@ cluster. What tests share besides fixtures lives in ``tests/helpers/``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,22 @@ def postgres():
         pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's package)")
     with postgres_cluster() as uri:
         yield uri
+
+
+@pytest.fixture(scope="session", autouse=True)
+def a_share_of_the_cores():
+    """Under pytest-xdist, each worker, and every process it starts, uses its share of the
+    cores. torch runs a thread per core in every process: with two workers training at once
+    on two cores, a digits epoch took 20 s instead of 2, and the tests' waits ran out."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    import torch
+
+    threads, before = max(1, (os.cpu_count() or 1) // workers), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    yield
+    del os.environ["OMP_NUM_THREADS"]
+    torch.set_num_threads(before)

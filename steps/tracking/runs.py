@@ -189,8 +189,15 @@ def describe_experiment(experiment_id: str) -> None:
     existing = client.get_experiment(experiment_id).tags
     for key, value in ((tags.EXPERIMENT_KIND, tags.TRAINING_EXPERIMENT),
                        (tags.EXPERIMENT_NOTE, EXPERIMENT_DESCRIPTION)):
-        if key not in existing:
+        if key in existing:
+            continue
+        try:
             client.set_experiment_tag(experiment_id, key, value)
+        except mlflow.exceptions.MlflowException:
+            # Two pipelines starting at once both insert the tag and the store's unique key
+            # refuses the second; the tag being there is all that was wanted.
+            if key not in client.get_experiment(experiment_id).tags:
+                raise
 
 
 def _process_start(pid: int) -> str:

@@ -103,7 +103,9 @@ class Objective:
 
         def report(epoch):
             trial.report(epoch.val_accuracy, epoch.epoch)
-            if trial.should_prune():
+            # After the last epoch the work is done: pruning it would only throw it away
+            # (and with epochs=1 a worker could end with every trial pruned).
+            if epoch.epoch < config.epochs and trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
