@@ -88,7 +88,17 @@ def auth_server(tmp_path_factory):
     """``mlflow server --app-name basic-auth`` with proxied artifacts, on 127.0.0.1."""
     root = tmp_path_factory.mktemp("auth")
     port = free_port()
+    # MLflow's own auth settings, with its credential cache on (auth_cache_ttl_seconds):
+    # without it the server checks the password hash on every request, about 1 s each on
+    # two cores (61 ms without auth), and a digits pipeline takes minutes.
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 600\n")
     env = subprocess_env(MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
+                         MLFLOW_AUTH_CONFIG_PATH=str(config),
                          MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-csrf-key")
     with open(root / "server.log", "w") as log:
         server = subprocess.Popen(

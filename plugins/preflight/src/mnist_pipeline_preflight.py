@@ -22,19 +22,31 @@ from mlflow.tracking.request_header.abstract_request_header_provider import (
     RequestHeaderProvider,
 )
 
-# Installed editable from <project>/plugins/preflight/src: the project is three folders up.
-PROJECT_DIR = Path(__file__).resolve().parents[3]
+
+def _project_dir() -> Path | None:
+    """The mnist-pipeline project: three folders up when installed editable (``make
+    setup``), else the current folder (the image's ``pip install ./plugins/preflight``, run
+    from the project); None when neither is it (some other project's ``mlflow run``)."""
+    here = Path(__file__).resolve()
+    for folder in (*here.parents[3:4], Path.cwd()):
+        if (folder / "MLproject").is_file() and (folder / "steps" / "tracking").is_dir():
+            return folder
+    return None
 
 
-def _import_project() -> None:
-    if str(PROJECT_DIR) not in sys.path:
-        sys.path.insert(0, str(PROJECT_DIR))
+def _import_project() -> bool:
+    folder = _project_dir()
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return folder is not None
 
 
 def main() -> None:
     """``mnist-pipeline-preflight``: check the store MLFLOW_TRACKING_URI names (a server) or
     create it (sqlite); exit 0, or one error line and exit 1."""
-    _import_project()
+    if not _import_project():
+        raise SystemExit("error: mnist-pipeline-preflight runs from the mnist-pipeline "
+                         "project folder")
     import click
 
     from steps.tracking.cli import run_cli
@@ -58,7 +70,8 @@ class Preflight(RequestHeaderProvider):
         if Preflight.checked or not _is_mlflow_run_launcher():
             return False
         Preflight.checked = True
-        _import_project()
+        if not _import_project():
+            return False  # another project's `mlflow run`: not ours to check
         import os
 
         import mlflow
