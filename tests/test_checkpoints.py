@@ -242,7 +242,7 @@ def _kill_during_epoch_3(cmd: list[str], sig: signal.Signals):
     """Start ``cmd`` in a process group of its own, send ``sig`` to the whole group as
     soon as epoch 2 is logged, wait for the group to go; return the train run then."""
     proc = start(cmd)
-    wait_for_training(epoch=2, poll=0.05)
+    wait_for_training(epoch=2, poll=0.05, proc=proc)
     os.killpg(proc.pid, sig)
     proc.communicate(timeout=90)
     assert_group_gone(proc.pid)

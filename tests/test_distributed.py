@@ -213,7 +213,7 @@ def _ranks_of(run_id: str) -> dict[int, int]:
 def _started_pipeline(folder: Path) -> subprocess.Popen:
     proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
                   "local", "-P", f"data_dir={folder}", "-P", "epochs=400", "-P", "workers=2"])
-    wait_for_training()
+    wait_for_training(proc=proc)
     return proc
 
 

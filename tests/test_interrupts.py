@@ -36,7 +36,7 @@ def assert_nothing_left_behind() -> None:
 def test_sigterm_to_train_mid_epoch_marks_the_run_killed(store):
     run_cli(importlib.import_module("steps.download_data").cli, ["--dataset", "digits"])
     proc = start([sys.executable, "-m", "steps.train", "--epochs", "500", "--batch-size", "4"])
-    wait_for_training()
+    wait_for_training(proc=proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
@@ -68,7 +68,7 @@ def test_sigterm_to_train_under_mlflow_run_leaves_the_run_killed(store):
     proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e", "train",
                   "--env-manager", "local", "-P", f"data=runs:/{data}/data", "-P", "epochs=500",
                   "-P", "batch_size=4"])
-    wait_for_training()
+    wait_for_training(proc=proc)
     trainer = next(p for p in _children(proc.pid) if "steps.train" in p[1])
     os.kill(trainer[0], signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
@@ -99,7 +99,7 @@ def _children(pid: int) -> list[tuple[int, str]]:
 def test_ctrl_c_on_mlflow_run_kills_the_whole_pipeline(store):
     proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
                   "local", "-P", "dataset=digits", "-P", "epochs=500", "-P", "batch_size=4"])
-    wait_for_training()
+    wait_for_training(proc=proc)
     os.killpg(proc.pid, signal.SIGINT)
     proc.communicate(timeout=90)
     assert proc.returncode != 0
@@ -115,7 +115,7 @@ def test_ctrl_c_on_a_sweep_leaves_no_trial_running(store):
     proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
                   "local", "-e", "tune", "-P", "dataset=digits", "-P", "trials=50",
                   "-P", "epochs=50"])
-    wait_for_training(step="tune_trial")
+    wait_for_training(step="tune_trial", proc=proc)
     os.killpg(proc.pid, signal.SIGINT)
     proc.communicate(timeout=90)
     assert proc.returncode != 0

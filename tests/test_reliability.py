@@ -53,7 +53,7 @@ def test_a_killed_pipeline_leaves_no_run_running_after_the_next_step(tmp_path):
     with temporary_store(tmp_path):
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(copy_project(
             tmp_path / "project")), "--env-manager", "local", *PIPELINE])
-        wait_for_training()
+        wait_for_training(proc=proc)
         os.killpg(proc.pid, signal.SIGKILL)  # a crashed machine, an OOM kill
         proc.communicate(timeout=30)
         assert_group_gone(proc.pid)
@@ -100,7 +100,7 @@ def test_a_server_lost_mid_pipeline_ends_main_within_a_minute(tmp_path, monkeypa
                                 env=subprocess_env(MLFLOW_TRACKING_URI=server.url),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        wait_for_training()
+        wait_for_training(proc=proc)
         server.stop()
         lost = time.monotonic()
         _, stderr = proc.communicate(timeout=180)

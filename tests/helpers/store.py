@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from helpers.processes import VENV_BIN, free_port, subprocess_env, wait_for_http
+from steps.tracking.store import prepare_store
 
 
 @contextlib.contextmanager
@@ -30,6 +31,10 @@ def temporary_store(root: Path):
     os.chdir(root)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # The tables first, as `make run` does: a test polling a store while the process it
+    # started creates it would run MLflow's migrations twice at once ("table ... already
+    # exists" in one of them).
+    prepare_store(uri)
     try:
         yield uri
     finally:
@@ -51,9 +56,10 @@ def runs_of(experiment_ids=("0",), filter_string: str = ""):
 
 
 def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
-                      poll: float = 0.3):
+                      poll: float = 0.3, proc=None):
     """Block until some run of ``step`` has logged ``epoch`` (so is mid-training, in the
-    epoch after it); return that run."""
+    epoch after it); return that run. With ``proc``, fail at once with its output if it
+    ends first."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -64,7 +70,18 @@ def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
                     m.step >= epoch for m in
                     client.get_metric_history(run.info.run_id, "val_accuracy"))):
                 return run
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before a "
+                                 f"{step} run reached epoch {epoch}:\n{(out or '')[-2000:]}"
+                                 f"\n{(err or '')[-4000:]}")
         time.sleep(poll)
+    if proc is not None:
+        with contextlib.suppress(ProcessLookupError):  # its session, as start() made it
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s; the "
+                             f"process said:\n{(out or '')[-2000:]}\n{(err or '')[-4000:]}")
     raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s")
 
 
