@@ -1,5 +1,6 @@
 """Fixtures only: a throw-away sqlite tracking store, a tiny IDX dataset, a PostgreSQL
-cluster. What tests share besides fixtures lives in ``tests/helpers/``."""
+cluster, and each xdist worker's share of the cores. What tests share besides fixtures
+lives in ``tests/helpers/``."""
 
 from __future__ import annotations
 
