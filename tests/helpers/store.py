@@ -55,6 +55,12 @@ def runs_of(experiment_ids=("0",), filter_string: str = ""):
                                              max_results=1000)
 
 
+def _said(proc) -> str:
+    """What an ended process wrote (its last lines of stdout, then stderr)."""
+    out, err = proc.communicate()
+    return f"{(out or '')[-2000:]}\n{(err or '')[-4000:]}"
+
+
 def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
                       poll: float = 0.3, proc=None):
     """Block until some run of ``step`` has logged ``epoch`` (so is mid-training, in the
@@ -71,18 +77,15 @@ def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
                     client.get_metric_history(run.info.run_id, "val_accuracy"))):
                 return run
         if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
             raise AssertionError(f"the process ended (exit {proc.returncode}) before a "
-                                 f"{step} run reached epoch {epoch}:\n{(out or '')[-2000:]}"
-                                 f"\n{(err or '')[-4000:]}")
+                                 f"{step} run reached epoch {epoch}:\n{_said(proc)}")
         time.sleep(poll)
+    said = ""
     if proc is not None:
         with contextlib.suppress(ProcessLookupError):  # its session, as start() made it
             os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s; the "
-                             f"process said:\n{(out or '')[-2000:]}\n{(err or '')[-4000:]}")
-    raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s")
+        said = f"; the process said:\n{_said(proc)}"
+    raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s{said}")
 
 
 class TrackingServer:
