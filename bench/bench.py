@@ -22,6 +22,10 @@ its device-memory slope) on a GPU when one is present. Surviving a stop:
      ``--resume``: both attempts' wall time together against one uninterrupted run;
   7. MLflow's system-metrics monitor running beside the core loop against the loop alone
      (goal <= 2% of the epoch).
+Surviving a lost worker:
+  8. ``train --workers 2 --epochs 4 --max-restarts 1`` with rank 1 SIGKILLed in the middle
+     of epoch 2, against the same job uninterrupted; the restart's own cost is the extra
+     time less the half epoch of work the kill threw away.
 Prints a table; writes bench/results.json.
 """
 
@@ -49,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from steps.core.data import encode_idx, load_idx_folder, parse_idx  # noqa: E402
 from steps.core.model import build_model  # noqa: E402
 from steps.core.training import TrainConfig, train  # noqa: E402
+from tools.job_ranks import ranks_of  # noqa: E402
 from tools.peak_rss import run_with_peak_rss  # noqa: E402
 
 WORK = ROOT / "bench" / "work"
@@ -195,6 +200,38 @@ def killed_and_resumed(store: Path, data_uri: str, client) -> dict:
             "run_status": client.get_run(run_id).info.status}
 
 
+def restarted_job(store: Path, data_uri: str, client) -> dict:
+    """Item 8: a 4-epoch ``workers=2`` job uninterrupted, and the same job with rank 1
+    SIGKILLed in the middle of epoch 2 and ``--max-restarts 1``."""
+    args = [sys.executable, "-m", "steps.train", "--epochs", "4", "--device", "cpu",
+            "--data", data_uri, "--workers", "2", "--max-restarts", "1"]
+    uninterrupted, _, _ = timed(args, store)
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env(store), cwd=store, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run_id, epoch_s = "", 0.0
+    while proc.poll() is None and not run_id:
+        runs = client.search_runs(["0"], "tags.`pipeline.step` = 'train'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs and runs[0].info.status == "RUNNING":
+            history = client.get_metric_history(runs[0].info.run_id, "epoch_seconds")
+            if history:
+                run_id, epoch_s = runs[0].info.run_id, history[-1].value
+        time.sleep(0.05)
+    time.sleep(epoch_s / 2)  # the middle of epoch 2
+    os.kill(ranks_of(run_id)[1], signal.SIGKILL)
+    if proc.wait():
+        raise SystemExit(f"bench: the restarted job failed (exit {proc.returncode})")
+    total = time.perf_counter() - started
+    run = client.get_run(run_id)
+    restarts = json.loads(run.data.tags["pipeline.restarts"])
+    return {"uninterrupted_s": uninterrupted, "restarted_s": total,
+            "total_vs_uninterrupted": total / uninterrupted, "lost_work_s": epoch_s / 2,
+            "restart_cost_s": total - uninterrupted - epoch_s / 2,
+            "restarts": len(restarts), "from_epoch": restarts[-1].get("from_epoch"),
+            "run_status": run.info.status}
+
+
 def system_metrics_cost(dataset, n_train: int, store: Path) -> dict:
     """Item 7: mean epoch of the core loop with MLflow's monitor sampling beside it
     (every 2 s, as train does) against without, alternated to share the machine's drift."""
@@ -293,6 +330,7 @@ def main() -> None:
                               "of_epoch": ckpt_s / (sum(epoch_times) / len(epoch_times))}
     results["resume"] = killed_and_resumed(store, data_60k, client)
     results["system_metrics"] = system_metrics_cost(dataset, n_train, store)
+    results["restart"] = restarted_job(store, data_60k, client)
 
     results["epoch"] = {"train_step_s": train_epoch, "bare_loop_s": bare,
                         "seed_style_s": seed["train_epoch_s"],
@@ -388,6 +426,15 @@ def format_table(r: dict) -> str:
     lines.append(f"| core epoch with / without the system-metrics monitor | "
                  f"{sm['epoch_with_s']:.2f} s / {sm['epoch_without_s']:.2f} s "
                  f"({sm['overhead'] * 100:+.1f}%, goal <= 2%) |")
+    rj = r["restart"]
+    lines.append(f"| train workers=2, 4 epochs on 60k: uninterrupted | "
+                 f"{rj['uninterrupted_s']:.1f} s |")
+    lines.append(f"| same, rank 1 SIGKILLed mid-epoch 2, max_restarts=1 (ends "
+                 f"{rj['run_status']}, {rj['restarts']} restart from epoch "
+                 f"{rj['from_epoch']}) | {rj['restarted_s']:.1f} s "
+                 f"({rj['total_vs_uninterrupted']:.2f}x) |")
+    lines.append(f"| the restart's own cost (extra time less {rj['lost_work_s']:.1f} s of "
+                 f"lost work) | {rj['restart_cost_s']:.1f} s |")
     lines += [f"| start-up `{s}` (interpreter + imports) | {t:.2f} s |"
               for s, t in r["startup_s"].items()]
     if "gpu" in r:

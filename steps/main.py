@@ -50,13 +50,14 @@ def run_name(dataset: str, arch: str, epochs: int, learning_rate: float) -> str:
 @options.DATA_DIR()
 @options.training_options
 @options.WORKERS()
+@options.MAX_RESTARTS()
 @options.CHECKPOINT_EVERY()
 @options.MODEL_NAME()
 @click.option("--use-cache", type=click.BOOL, default=True, show_default=True,
               help="Reuse finished steps with identical inputs and code.")
 def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_size: int,
         optimizer: str, arch: str, hidden: str, seed: int, patience: int, workers: int,
-        checkpoint_every: int, model_name: str, use_cache: bool) -> None:
+        max_restarts: int, checkpoint_every: int, model_name: str, use_cache: bool) -> None:
     """Run the whole pipeline: download_data, train, evaluate, register."""
     import mlflow
 
@@ -78,7 +79,8 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
         data_uri = data_run.data.tags[tags.DATA_URI]
         train_params = {name: params[name] for name in
                         ("epochs", "learning_rate", "batch_size", "optimizer", "arch",
-                         "hidden", "seed", "patience", "workers", "checkpoint_every")}
+                         "hidden", "seed", "patience", "workers", "max_restarts",
+                         "checkpoint_every")}
         train_run = pipeline.step("train", {"data": data_uri, **train_params},
                                   {"download_data": data_run})
         model_uri = train_run.data.tags[tags.MODEL_URI]

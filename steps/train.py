@@ -25,11 +25,16 @@ Writes: params (every option, plus the resolved data URI);
         classifier), ``pipeline.network_uri`` (the pt2 network).
 
 Scale-out (``steps/tracking/distributed.py``): ``--workers N`` trains with N data-parallel processes
-started by torch's elastic launcher, ``batch_size`` staying the global batch; with
-``--nodes M --node-rank R --rdzv-endpoint host:port`` the job spans M machines. One run
-either way, owned by this process on node 0; global rank 0 logs into it. Other nodes run
-``python -m steps.train --workers N --nodes M --node-rank R --rdzv-endpoint host:port``,
-which creates no run and needs no tracking server: data and settings come from node 0.
+started by torch's elastic agent, ``batch_size`` staying the global batch; with
+``--nodes M --node-rank R --rdzv-endpoint host:port`` the job spans M machines, meeting at
+node 0's c10d rendezvous. One run either way, owned by this process on node 0; local rank
+0 of node 0 logs into it. ``--max-restarts K`` lets the agent restart every rank up to K
+times after a failure; they continue from the run's latest checkpoint, in the same run,
+and each restart is recorded in ``pipeline.restarts`` (cause, time, epoch continued at).
+Other nodes run ``python -m steps.train --workers N --nodes M --node-rank R
+--rdzv-endpoint host:port [--max-restarts K]``, which creates no run and needs no tracking
+server: data, settings and checkpoint come from node 0; one that is started again after
+its processes died joins the job's next round.
 
 ``--resume RUN_ID`` continues that KILLED or FAILED train run (same parameters required;
 ``--data`` may stay empty). Under ``mlflow run`` the launcher's own new run then only
@@ -64,16 +69,17 @@ log = logging.getLogger("steps.train")
 @options.NODE_RANK()
 @options.RDZV_ENDPOINT()
 @options.CHECKPOINT_EVERY()
+@options.MAX_RESTARTS()
 @click.option("--resume", default="", show_default=True,
               help="Continue this KILLED or FAILED train run from its checkpoint.")
 def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer: str,
         arch: str, hidden: str, seed: int, patience: int, val_fraction: float, device: str,
         workers: int, nodes: int, node_rank: int, rdzv_endpoint: str, checkpoint_every: int,
-        resume: str) -> None:
+        max_restarts: int, resume: str) -> None:
     """Train ARCH on the data artifact and log the best epoch's model."""
     from steps.core.training import TrainConfig, resolve_device
 
-    scale = distributed.ScaleOut(workers, nodes, node_rank, rdzv_endpoint)
+    scale = distributed.ScaleOut(workers, nodes, node_rank, rdzv_endpoint, max_restarts)
     try:
         scale.check(batch_size)
     except ValueError as exc:
@@ -85,13 +91,11 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     replica = distributed.launched_rank()
     if replica is not None:  # one rank of a job our launcher started
         try:
-            if replica.rank == 0:
-                import mlflow
-
-                with mlflow.start_run(run_id=distributed.rank_run_id(),
-                                      log_system_metrics=True) as run:
+            if distributed.is_tracking_rank(replica):
+                with distributed.joined_run() as run:
                     train_tracked(run, data, config, val_fraction,
-                                  str(resolve_device(device)), replica, checkpoint_every)
+                                  str(resolve_device(device)), replica, checkpoint_every,
+                                  restart=distributed.restart_count())
             else:
                 train_replica(replica)
         except BaseException as exc:
@@ -115,9 +119,9 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                                           ("resume",)))
         data = data or continued.data.params.get("data", "")
         point_launcher_run_at(continued)
-    # One process per job measures the machine: here, or rank 0 when ranks train.
+    # One process per job measures the machine: here, or the tracking rank when ranks train.
     with step_run("train", run_id=continued and continued.info.run_id,
-                  log_system_metrics=not scale.distributed) as run:
+                  log_system_metrics=not scale.supervised) as run:
         # The cheap checks first: no data is fetched for a device that is not there.
         try:
             resolved_device = str(resolve_device(device))
@@ -134,7 +138,7 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                 )
             data = f"runs:/{upstream.info.run_id}/data"
         log_cli_params(data=data)
-        if scale.distributed:
+        if scale.supervised:
             # The ranks train and log; this process waits, and ends the run for them.
             distributed.launch(scale, [*sys.argv[1:], "--data", data], run.info.run_id)
         else:

@@ -45,7 +45,13 @@ from steps.tracking.runs import (
     step_run,
 )
 from steps.tracking.store import check_tracking_server
-from steps.tracking.sweep import TRIAL_RUN_ATTR, Objective, log_sweep_summary
+from steps.tracking.sweep import (
+    MISSED_BEATS,
+    TRIAL_RUN_ATTR,
+    Objective,
+    StaleTrials,
+    log_sweep_summary,
+)
 
 log = logging.getLogger("steps.tune")
 
@@ -64,8 +70,13 @@ log = logging.getLogger("steps.tune")
               help="Optuna storage URL shared by several tune processes (empty = in memory).")
 @click.option("--study-name", default="",
               help="Study to create or join in the storage (empty = tune-<dataset>).")
+@click.option("--heartbeat-interval", type=click.IntRange(min=0), default=30,
+              show_default=True,
+              help="With storage: seconds between a trial's heartbeats; a trial silent for "
+                   f"{MISSED_BEATS} of them is failed and retried by another worker (0 = off).")
 def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, seed: int,
-        patience: int, model_name: str, storage: str, study_name: str) -> None:
+        patience: int, model_name: str, storage: str, study_name: str,
+        heartbeat_interval: int) -> None:
     """Search hyperparameters with Optuna; log the best trial's model."""
     import mlflow
     import optuna
@@ -76,7 +87,7 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
     if study_name and not storage:
         raise StepError("study_name is only used with storage (a study in memory is not "
                         "shared); pass storage too, or leave study_name empty")
-    shared = open_storage(storage)
+    shared = open_storage(storage, heartbeat_interval)
     study_name = study_name or (f"tune-{dataset}" if storage else "")
     with step_run("tune", run_name=f"tune {dataset} {trials} trials e{epochs}") as parent:
         describe_experiment(parent.info.experiment_id)
@@ -131,20 +142,33 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
         )
 
 
-def open_storage(storage: str):
+def open_storage(storage: str, heartbeat_interval: int = 0):
     """Optuna's RDB storage for ``storage``, or None for an in-memory study; a URL that
-    cannot be opened is refused naming the parameter."""
+    cannot be opened is refused naming the parameter.
+
+    With ``heartbeat_interval``, every running trial beats that often; one silent for
+    :data:`MISSED_BEATS` beats (its worker killed or lost) is failed by the next worker to
+    start a trial, and retried (``steps.tracking.sweep.StaleTrials``).
+    """
     if not storage:
         return None
     import random
     import time
+    import warnings
 
     import optuna
     from sqlalchemy.exc import DBAPIError
 
+    beats = {}
+    if heartbeat_interval:
+        grace = heartbeat_interval * MISSED_BEATS
+        beats = {"heartbeat_interval": heartbeat_interval, "grace_period": grace,
+                 "heartbeat_stale_trial_callback": StaleTrials(grace)}
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(storage)
+            with warnings.catch_warnings():  # Optuna calls its heartbeat "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(storage, **beats)
         except DBAPIError as exc:
             # Workers started together on a new database race to create Optuna's tables
             # (a unique violation in PostgreSQL's catalog); the loser finds them next time.

@@ -1,15 +1,20 @@
 """deploy/: what can be checked without a container runtime or a cluster (none is reachable
-here). The manifests parse; every entry point, parameter and option they name exists; the
-image runs ``mlflow run . --env-manager local``. That the multi-node commands really train
-is shown by tests/test_distributed.py, which runs the manifest's own script."""
+here). The manifests pass Kubernetes' own schemas (``kubernetes-validate --strict``) and the
+Dockerfile passes ``hadolint``; every entry point, parameter and option they name exists;
+the image runs ``mlflow run . --env-manager local``. That the multi-node commands really
+train, and survive a lost pod, is shown by tests/test_distributed.py, which runs the
+manifest's own script."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import yaml
+
+from helpers.processes import VENV_BIN
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -56,6 +61,30 @@ def test_every_manifest_parses_and_names_real_kinds():
     for docs in found.values():
         for doc in docs:
             assert doc["apiVersion"] and doc["kind"] in ("Job", "ConfigMap", "Service")
+
+
+def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([f"{VENV_BIN}/kubernetes-validate", "--strict", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_manifest_passes_the_kubernetes_schemas_strictly(tmp_path):
+    paths = sorted((DEPLOY / "k8s").glob("*.yaml"))
+    result = kubernetes_validate(*paths)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed for resource ") == sum(
+        len(docs) for docs in manifests().values())
+    # The validator can fail: a field Kubernetes does not know is refused under --strict.
+    job = next(d for d in manifests()["pipeline-job.yaml"] if d["kind"] == "Job")
+    job["spec"]["backofLimit"] = 0
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(job))
+    assert kubernetes_validate(tmp_path / "typo.yaml").returncode != 0
+
+
+def test_the_dockerfile_passes_hadolint():
+    result = subprocess.run([f"{VENV_BIN}/hadolint", str(DEPLOY / "Dockerfile")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_image_runs_mlflow_run_with_the_local_env_manager():

@@ -8,6 +8,11 @@
   ``workers=2`` result.
 - A rank killed mid-training brings ``main`` down within seconds: train FAILED naming the
   rank, nothing evaluated or registered, no process left; Ctrl-C leaves it KILLED.
+- With ``max_restarts=1`` the same kill (rank 1, during epoch 2 of 4) costs one restart:
+  the agent starts both ranks again, they continue from the epoch-1 checkpoint, and the one
+  run ends FINISHED with the uninterrupted ``workers=2`` metrics.
+- Two manifest pods, pod 1's processes all killed mid-epoch and the pod started again: it
+  rejoins the c10d rendezvous and the one run ends FINISHED with the two-node result.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from helpers.processes import (
 )
 from helpers.store import temporary_store, wait_for_training
 from steps.tracking import distributed, tags
+from steps.tracking.cli import StepError
+from tools.job_ranks import ranks_of
 
-EPOCHS = 3
+EPOCHS = 4
 N_IMAGES = 6000
 MANIFEST = PROJECT_DIR / "deploy" / "k8s" / "train-multinode.yaml"
 
@@ -58,6 +65,7 @@ def test_cuda_wants_one_gpu_per_worker(monkeypatch):
 def _failure(tmp_path: Path, rank: int, exitcode: int, report: dict | None):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
+    tmp_path.mkdir(exist_ok=True)
     error_file = tmp_path / f"error-{rank}.json"
     if report is not None:
         error_file.write_text(json.dumps({"timestamp": int(report["pipeline_time"]),
@@ -67,25 +75,40 @@ def _failure(tmp_path: Path, rank: int, exitcode: int, report: dict | None):
 
 
 def test_root_cause_is_the_rank_that_failed_first_not_the_one_that_lost_its_peer(tmp_path):
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     lost_peer = {"message": "failed: RuntimeError: Connection closed by peer",
                  "pipeline_time": 20.0, "interrupted": False}
     cause = {"message": "failed: data=runs:/x/data cannot be read", "pipeline_time": 10.0,
              "interrupted": False}
     failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, 1, cause)}
-    assert distributed.root_cause(ChildFailedError("train", failures)) == (
+    assert distributed.root_cause(failures) == (
         "rank 1 failed: data=runs:/x/data cannot be read", False)
     # A rank killed outright (OOM killer, kill -9) is the cause whatever the others wrote.
     failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, -9, None)}
-    assert distributed.root_cause(ChildFailedError("train", failures)) == (
+    assert distributed.root_cause(failures) == (
         "rank 1 was killed by signal SIGKILL", False)
     # SIGTERM to one rank ends the job as an interrupt.
     stopped = {"message": "was interrupted (SIGTERM)", "pipeline_time": 5.0,
                "interrupted": True}
     failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, 130, stopped)}
-    assert distributed.root_cause(ChildFailedError("train", failures)) == (
+    assert distributed.root_cause(failures) == (
         "rank 1 was interrupted (SIGTERM)", True)
+
+
+def test_a_failure_no_restart_can_mend_ends_the_job_at_once(tmp_path):
+    """A rank's StepError (bad data, diverged training) would meet every restart again;
+    a killed rank or a lost peer is what restarts are for."""
+    lost_peer = {"message": "failed: RuntimeError: Connection closed by peer",
+                 "pipeline_time": 20.0, "interrupted": False, "final": False}
+    bad_data = {"message": "failed: data=runs:/x/data cannot be read", "pipeline_time": 10.0,
+                "interrupted": False, "final": True}
+    restarts = distributed.Restarts(max_restarts=3, run_id="")
+    with pytest.raises(StepError, match=r"^rank 1 failed: data=runs:/x/data cannot be read$"):
+        restarts({0: _failure(tmp_path / "a", 0, 1, lost_peer),
+                  1: _failure(tmp_path / "a", 1, 1, bad_data)})
+    assert restarts.count == 0
+    restarts({0: _failure(tmp_path / "b", 0, 1, lost_peer),
+              1: _failure(tmp_path / "b", 1, -9, None)})
+    assert restarts.count == 1
 
 
 def _multinode_script() -> str:
@@ -171,50 +194,117 @@ def test_two_workers_train_the_model_one_worker_trains(jobs):
         assert loaded is not None
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torch's agent starts its ranks in sessions of
+    their own, so a process group does not hold them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _new_train_run(before: set, proc: subprocess.Popen, epoch: int = 1,
+                   timeout: float = 180) -> str:
+    """The train run that is not in ``before``, once it has logged ``epoch`` (0: once it
+    exists)."""
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in train_runs():
+            if run.info.run_id not in before and (epoch == 0 or any(
+                    m.step >= epoch for m in
+                    client.get_metric_history(run.info.run_id, "val_accuracy"))):
+                return run.info.run_id
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"no new train run reached epoch {epoch} in {timeout}s")
+
+
 @pytest.mark.slow
-def test_two_nodes_from_the_manifest_train_what_two_workers_train(jobs):
-    """The manifest's own script, run as pod 0 and pod 1 would run it, on loopback."""
-    script = _multinode_script()
+def test_a_rank_killed_in_epoch_2_costs_one_restart_not_the_training(jobs):
+    """``max_restarts=1``: rank 1 SIGKILLed during epoch 2 of 4; the agent restarts both
+    ranks, which continue from the epoch-1 checkpoint in the same run."""
     with temporary_store(jobs["root"]):
+        client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
-        pod_env = {"NODES": "2", "WORKERS": "1", "EPOCHS": str(EPOCHS),
-                   "DATA_URI": jobs["data"], "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
-        pods = [subprocess.Popen(["/bin/sh", "-c", script], cwd=PROJECT_DIR, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env=subprocess_env(JOB_COMPLETION_INDEX=str(i), **pod_env),
-                                 start_new_session=True)
-                for i in (1, 0)]  # the worker first: it waits for node 0's store
-        for pod in pods:
+        proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
+                      "train", "--env-manager", "local", "-P", f"data={jobs['data']}",
+                      "-P", f"epochs={EPOCHS}", "-P", "workers=2", "-P", "device=cpu",
+                      "-P", "max_restarts=1"])
+        run_id = _new_train_run(before, proc, epoch=0)
+        ranks = _every_rank_of(run_id)
+        assert sorted(ranks) == [0, 1]
+        _new_train_run(before, proc, epoch=1)
+        os.kill(ranks[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "rank 1 was killed by signal SIGKILL; restart 1 of 1" in stderr
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        restarts = json.loads(run.data.tags[tags.RESTARTS])
+        assert [(r["restart"], r["because"], r["from_epoch"]) for r in restarts] == [
+            (1, "rank 1 was killed by signal SIGKILL", 2)]
+        # Every epoch logged once (metric_histories checks the steps), and the training
+        # is the uninterrupted one's, bit for bit.
+        assert metric_histories(run_id) == metric_histories(jobs[2])
+        assert ranks_of(run_id) == {}
+
+
+@pytest.mark.slow
+def test_two_manifest_pods_survive_losing_pod_1_and_train_what_two_workers_train(jobs):
+    """The manifest's own script, run as pod 1 and pod 0 would run it, on loopback; then
+    every process of pod 1 is killed during epoch 2 and pod 1 is started again, as the Job
+    would replace it: it rejoins, and the one run ends with the two-worker result."""
+    script = _multinode_script()
+    config = next(d for d in yaml.safe_load_all(MANIFEST.read_text())
+                  if d["kind"] == "ConfigMap")["data"]
+    assert int(config["MAX_RESTARTS"]) >= 1
+    pod_env = {**config, "EPOCHS": str(EPOCHS), "DATA_URI": jobs["data"],
+               "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
+
+    def start_pod(index: int) -> subprocess.Popen:
+        return subprocess.Popen(["/bin/sh", "-c", script], cwd=PROJECT_DIR, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=subprocess_env(JOB_COMPLETION_INDEX=str(index), **pod_env),
+                                start_new_session=True)
+
+    with temporary_store(jobs["root"]):
+        client = mlflow.MlflowClient()
+        before = {r.info.run_id for r in train_runs()}
+        pod1 = start_pod(1)  # the worker first: it waits for pod 0's store
+        pod0 = start_pod(0)
+        run_id = _new_train_run(before, pod0, epoch=1, timeout=300)
+        lost = [pod1.pid, *_children(pod1.pid)]
+        assert len(lost) == 1 + int(config["WORKERS"])
+        os.killpg(pod1.pid, signal.SIGKILL)
+        for pid in lost[1:]:
+            os.kill(pid, signal.SIGKILL)
+        pod1.communicate(timeout=60)
+        pod1 = start_pod(1)  # the Job's replacement pod
+        for pod in (pod1, pod0):
             _, stderr = pod.communicate(timeout=600)
             assert pod.returncode == 0, stderr[-3000:]
         new = [r for r in train_runs() if r.info.run_id not in before]
-        assert len(new) == 1  # node 1 created none
-        assert new[0].info.status == "FINISHED"
-        assert new[0].data.params["nodes"] == "2"
-        assert_same_training(metric_histories(jobs[2]), metric_histories(new[0].info.run_id))
-
-
-def _ranks_of(run_id: str) -> dict[int, int]:
-    """Global rank -> pid of the live ranks training into ``run_id``."""
-    ranks = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/environ").read_bytes()
-        except OSError:
-            continue
-        env = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-        if env.get(distributed.LAUNCHED_FOR_RUN.encode()) == run_id.encode():
-            ranks[int(env[b"RANK"])] = int(entry)
-    return ranks
+        assert [r.info.run_id for r in new] == [run_id]  # pod 1 created none
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["nodes"] == "2"
+        restarts = json.loads(run.data.tags[tags.RESTARTS])
+        assert len(restarts) == 1 and restarts[0]["from_epoch"] == 2, restarts
+        assert_same_training(metric_histories(jobs[2]), metric_histories(run_id))
 
 
 def _every_rank_of(run_id: str, world: int = 2, timeout: float = 20) -> dict[int, int]:
     """The job's ranks, once all ``world`` of them are seen (one pass over /proc can miss
     a rank: it happened once in a clean-clone run on two busy cores)."""
     deadline = time.monotonic() + timeout
-    while len(ranks := _ranks_of(run_id)) < world and time.monotonic() < deadline:
+    while len(ranks := ranks_of(run_id)) < world and time.monotonic() < deadline:
         time.sleep(0.1)
     return ranks
 
@@ -241,7 +331,7 @@ def test_a_killed_rank_brings_the_pipeline_down_and_nothing_is_registered(tmp_pa
         assert took < 30, f"the pipeline took {took:.0f}s to stop"
         assert "rank 1 was killed by signal SIGKILL" in stderr
         assert_group_gone(proc.pid)
-        assert _ranks_of(train.info.run_id) == {}
+        assert ranks_of(train.info.run_id) == {}
         client = mlflow.MlflowClient()
         train = client.get_run(train.info.run_id)
         assert train.info.status == "FAILED"
@@ -260,7 +350,7 @@ def test_ctrl_c_on_a_data_parallel_pipeline_leaves_train_killed(tmp_path):
         proc.communicate(timeout=120)
         assert proc.returncode != 0
         assert_group_gone(proc.pid)
-        assert _ranks_of(train_id) == {}
+        assert ranks_of(train_id) == {}
         client = mlflow.MlflowClient()
         deadline = time.monotonic() + 15  # MLflow's launcher overwrites, then is put right
         while client.get_run(train_id).info.status != "KILLED" and time.monotonic() < deadline:
@@ -319,9 +409,9 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
         proc.communicate(timeout=60)
         assert_group_gone(proc.pid)
         deadline = time.monotonic() + 30
-        while _ranks_of(run_id) and time.monotonic() < deadline:
+        while ranks_of(run_id) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _ranks_of(run_id) == {}
+        assert ranks_of(run_id) == {}
         saved = json.loads(client.get_run(run_id).data.tags[tags.CHECKPOINT])["epoch"]
         assert 1 <= saved < EPOCHS
         result = mlflow_run("-e", "train", *params, "-P", f"resume={run_id}")

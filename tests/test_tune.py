@@ -1,15 +1,21 @@
-"""The tune entry point: nested trials, best params on the parent, a registrable best model."""
+"""The tune entry point: nested trials, best params on the parent, a registrable best model;
+a study shared by two workers on sqlite and on PostgreSQL, one of them killed mid-trial."""
 
 from __future__ import annotations
 
-import subprocess
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
-from helpers.processes import assert_clean_failure, mlflow_run, run_step, subprocess_env
+from helpers.data import write_idx_folder
+from helpers.processes import assert_clean_failure, mlflow_run, run_step, start
 from helpers.store import temporary_store
+from steps.tracking import tags
 
 pytestmark = pytest.mark.slow
 
@@ -66,60 +72,90 @@ def test_the_best_model_can_be_evaluated_and_registered(sweep):
     assert champion.tags["model_uri"] == model_uri
 
 
-def sweep_with_two_workers(storage: str, study_name: str, cwd) -> list[str]:
-    """Two ``tune`` processes started together on one study; their stderr."""
-    cmd = [sys.executable, "-m", "steps.tune", "--dataset", "digits", "--trials", "3",
-           "--epochs", "1", "--storage", storage, "--study-name", study_name]
-    workers = [subprocess.Popen(cmd, env=subprocess_env(), cwd=cwd, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = []
-    for proc in workers:
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        outputs.append(stderr)
-    return outputs
+SURVIVOR_TRIALS = 8
 
 
-def assert_one_shared_study(storage: str, study_name: str, outputs: list[str]) -> None:
+def sweep_losing_a_worker(storage: str, study_name: str, root: Path) -> dict:
+    """Two ``tune`` workers on one study over 6000 images, heartbeats every 2 s. The slow
+    one (3 epochs a trial) is SIGKILLed during its first trial, after that trial's first
+    epoch; the other runs its trials to the end. What each left behind."""
+    folder = write_idx_folder(root / "idx", n_train=6000, n_test=100)
+    common = ["--data-dir", str(folder), "--storage", storage, "--study-name", study_name,
+              "--heartbeat-interval", "2"]
+    survivor = start([sys.executable, "-m", "steps.tune", *common,
+                      "--trials", str(SURVIVOR_TRIALS), "--epochs", "2"])
+    doomed = start([sys.executable, "-m", "steps.tune", *common, "--trials", "3",
+                    "--epochs", "3"])
+    client = mlflow.MlflowClient()
+    deadline, doomed_tune = time.monotonic() + 180, None
+    while doomed_tune is None and time.monotonic() < deadline:
+        assert doomed.poll() is None and survivor.poll() is None
+        for tune in client.search_runs(["0"], "tags.`pipeline.step` = 'tune'"):
+            if tune.data.tags.get(tags.PID) == str(doomed.pid) and any(
+                    "val_accuracy" in t.data.metrics for t in client.search_runs(
+                        ["0"], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}' and "
+                               "attributes.status = 'RUNNING'")):
+                doomed_tune = tune
+        time.sleep(0.05)
+    assert doomed_tune is not None, "the slow worker never got through a trial's first epoch"
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.communicate(timeout=60)
+    _, stderr = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, stderr[-3000:]
+    return {"doomed": doomed_tune.info.run_id, "stderr": stderr}
+
+
+def assert_the_survivor_finished_the_study(storage: str, study_name: str, swept: dict):
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage)
-    assert sorted(t.number for t in study.trials) == list(range(6))  # 3 + 3, all distinct
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and "WAITING" not in states
+    lost = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(lost) == 1  # the killed worker's trial, failed by the survivor
     client = mlflow.MlflowClient()
-    tunes = client.search_runs(["0"], "tags.`pipeline.step` = 'tune'")
-    assert len(tunes) == 2 and {r.info.status for r in tunes} == {"FINISHED"}
     assert not [r for r in client.search_runs(["0"], max_results=1000)
                 if r.info.status == "RUNNING"]
-    trial_runs = set()
-    for tune in tunes:
-        assert tune.data.tags["pipeline.study_name"] == study_name
-        children = client.search_runs(
-            ["0"], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}' and "
-                   "tags.`pipeline.step` = 'tune_trial'")
-        assert len(children) == 3
-        trial_runs |= {c.info.run_id for c in children}
-        # Each worker reports the study's best as it was at its end, over both workers.
-        own_best = max(c.data.metrics.get("best_val_accuracy", 0) for c in children)
-        assert own_best <= tune.data.metrics["study_best_val_accuracy"] <= study.best_value
-    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == trial_runs
-    last = max(tunes, key=lambda r: r.info.end_time)
-    assert last.data.metrics["study_best_val_accuracy"] == study.best_value
-    assert last.data.tags["pipeline.study_best_run_id"] == study.best_trial.user_attrs[
-        "mlflow_run_id"]
-    assert all(f"study {study_name} (shared): " in out for out in outputs)
+    tunes = {r.info.run_id: r for r in client.search_runs(["0"], "tags.`pipeline.step` = 'tune'")}
+    doomed = tunes.pop(swept["doomed"])
+    (survivor,) = tunes.values()
+    assert survivor.info.status == "FINISHED" and doomed.info.status == "KILLED"
+    assert "marked KILLED by a surviving worker" in doomed.data.tags[tags.ENDED_BECAUSE]
+    trial_runs = {tune: client.search_runs(
+        ["0"], f"tags.`mlflow.parentRunId` = '{tune}' and tags.`pipeline.step` = 'tune_trial'")
+        for tune in (survivor.info.run_id, doomed.info.run_id)}
+    kept = trial_runs[survivor.info.run_id]
+    # The survivor ran the trials it was asked for, one of them the lost trial's retry.
+    assert len(kept) == SURVIVOR_TRIALS and {r.info.status for r in kept} == {"FINISHED"}
+    lost_run = lost[0].user_attrs["mlflow_run_id"]
+    (retry,) = [r for r in kept if r.data.tags.get(tags.RETRY_OF_RUN) == lost_run]
+    retried = next(t for t in study.trials if t.number == int(retry.data.tags["optuna.trial"]))
+    assert retried.params == lost[0].params and retried.state.name in ("COMPLETE", "PRUNED")
+    assert f"trial {lost[0].number} lost its worker" in swept["stderr"]
+    # The killed worker's runs: its finished trials, and the lost one closed KILLED.
+    gone = trial_runs[doomed.info.run_id]
+    assert [r.info.run_id for r in gone if r.info.status == "KILLED"] == [lost_run]
+    assert {r.info.status for r in gone} <= {"FINISHED", "KILLED"}
+    # Both counts add up: every Optuna trial is one MLflow trial run, in the same state.
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == len(kept) + len(gone) - 1
+    assert len(study.trials) == len(kept) + len(gone)
+    assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+    assert survivor.data.tags["pipeline.study_name"] == study_name
+    assert survivor.data.metrics["study_best_val_accuracy"] == study.best_value
 
 
-def test_two_workers_share_one_study_in_a_sqlite_file(tmp_path):
+def test_a_worker_killed_mid_trial_loses_no_trial_of_a_sqlite_study(tmp_path):
     with temporary_store(tmp_path):
         storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-        outputs = sweep_with_two_workers(storage, "shared-sqlite", tmp_path)
-        assert_one_shared_study(storage, "shared-sqlite", outputs)
+        swept = sweep_losing_a_worker(storage, "shared-sqlite", tmp_path)
+        assert_the_survivor_finished_the_study(storage, "shared-sqlite", swept)
 
 
-def test_two_workers_share_one_study_on_postgresql(tmp_path, postgres):
+def test_a_worker_killed_mid_trial_loses_no_trial_of_a_postgresql_study(tmp_path, postgres):
     with temporary_store(tmp_path):
-        outputs = sweep_with_two_workers(postgres, "shared-pg", tmp_path)
-        assert_one_shared_study(postgres, "shared-pg", outputs)
+        swept = sweep_losing_a_worker(postgres, "shared-pg", tmp_path)
+        assert_the_survivor_finished_the_study(postgres, "shared-pg", swept)
 
 
 def test_a_bad_storage_is_one_line(tracking_uri):

@@ -1,6 +1,6 @@
 """Training inside a run: the core loop with its per-epoch metrics, checkpoints, curves and
-inputs logged to the active run. Shared by ``train`` (one process, or global rank 0 of a
-data-parallel job) and by every ``tune`` trial; the other ranks of a job train through
+inputs logged to the active run. Shared by ``train`` (one process, or the tracking rank of
+a data-parallel job) and by every ``tune`` trial; the other ranks of a job train through
 ``train_replica`` and log nothing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from steps.tracking import checkpoints, tags
 from steps.tracking.cli import StepError
-from steps.tracking.runs import add_resume, log_dataset, run_link
+from steps.tracking.runs import add_record, log_dataset, run_link
 
 log = logging.getLogger("steps.train")
 
@@ -19,10 +19,13 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds")
 
 
 def train_tracked(run, data: str, config, val_fraction: float, resolved_device: str,
-                  replica=None, checkpoint_every: int = 0) -> str:
+                  replica=None, checkpoint_every: int = 0, restart: int = 0) -> str:
     """``train``'s work inside its run: load and verify the data artifact, tag the run with
-    it, continue the run's checkpoint if it has one, train (as rank 0 of the job when
-    ``replica`` has company), log both models. Returns the classifier's model URI."""
+    it, continue the run's checkpoint if it has one, train (as the tracking rank of the job
+    when ``replica`` is given), log both models. Returns the classifier's model URI.
+
+    ``restart`` > 0: the job's agent restarted the ranks after a failure; where they
+    continue is added to the run's newest ``pipeline.restarts`` record."""
     import mlflow
 
     from steps.tracking.artifacts import load_data_artifact, log_models
@@ -32,11 +35,15 @@ def train_tracked(run, data: str, config, val_fraction: float, resolved_device: 
                      tags.DATASET: dataset.name, tags.RESOLVED_DEVICE: resolved_device})
     run = mlflow.MlflowClient().get_run(run.info.run_id)  # with the tags set since it began
     resume_from = checkpoints.load(run, config)
+    from_epoch = resume_from["epoch"] + 1 if resume_from is not None else 1
+    if restart:
+        add_record(run.info.run_id, tags.RESTARTS, {"from_epoch": from_epoch}, amend=True)
+    elif resume_from is not None:
+        add_record(run.info.run_id, tags.RESUMES, {"from_epoch": from_epoch,
+                                                   "epochs": config.epochs}, amend=True)
     if resume_from is not None:
-        add_resume(run.data.tags, {"from_epoch": resume_from["epoch"] + 1,
-                                   "epochs": config.epochs}, amend=True)
         log.info("train: continuing run %s at epoch %d of %d from its checkpoint",
-                 run.info.run_id, resume_from["epoch"] + 1, config.epochs)
+                 run.info.run_id, from_epoch, config.epochs)
     writer = checkpoints.CheckpointWriter(run.info.run_id, checkpoints.Pointer.of(run),
                                           config.epochs) if checkpoint_every else None
     result = fit_and_log(config, dataset, val_fraction, replica=replica,
@@ -68,14 +75,14 @@ def logged_epochs(run) -> int:
 
 
 def train_replica(replica) -> None:
-    """A rank other than 0: rank 0's data, settings and checkpoint, the same loop, no
-    MLflow."""
+    """A rank other than the tracking rank: its data, settings and checkpoint, the same
+    loop, no MLflow."""
     from steps.core.data import split_train_val
     from steps.core.training import train
-    from steps.tracking.distributed import share_from_rank0
+    from steps.tracking.distributed import share_from_tracking_rank
 
-    logging.getLogger("steps.core.training").setLevel(logging.WARNING)  # rank 0 reports
-    (config, val_fraction, resume_from), images, labels = share_from_rank0(None)
+    logging.getLogger("steps.core.training").setLevel(logging.WARNING)  # one rank reports
+    (config, val_fraction, resume_from), images, labels = share_from_tracking_rank(None)
     train_idx, val_idx = split_train_val(len(labels), val_fraction, config.seed)
     try:
         train(config, images, labels, train_idx, val_idx, replica=replica,
@@ -104,11 +111,11 @@ def fit_and_log(config, dataset, val_fraction: float,
     from steps.core.plots import training_curves_figure
     from steps.core.training import EpochResult, Replica, train
 
-    if replica is not None:  # rank 0 of a data-parallel job (a steps.core Replica)
-        from steps.tracking.distributed import share_from_rank0
+    if replica is not None:  # the tracking rank of a job (a steps.core Replica)
+        from steps.tracking.distributed import share_from_tracking_rank
 
-        share_from_rank0((config, val_fraction, resume_from), dataset.x_train,
-                         dataset.y_train)
+        share_from_tracking_rank((config, val_fraction, resume_from), dataset.x_train,
+                                 dataset.y_train)
     train_idx, val_idx = split_train_val(len(dataset.y_train), val_fraction, config.seed)
     if resume_from is None:
         log_dataset(dataset.x_train, dataset.y_train, f"{dataset.name}-train",

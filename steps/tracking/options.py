@@ -88,6 +88,9 @@ NODES = _option("--nodes", type=click.IntRange(min=1), default=1,
                 help="Machines in the job (each runs --workers processes).")
 NODE_RANK = _option("--node-rank", type=click.IntRange(min=0), default=0,
                     help="This machine's place in the job; node 0 owns the MLflow run.")
+MAX_RESTARTS = _option("--max-restarts", type=click.IntRange(min=0), default=0,
+                       help="Restart every rank this many times at most after one fails; "
+                            "they continue from the latest checkpoint (torch elastic).")
 RDZV_ENDPOINT = _option("--rdzv-endpoint", default="",
                         help="host:port of node 0's rendezvous (nodes > 1 only).")
 MODEL_NAME = _option("--model-name", default="mnist-classifier", callback=_check_model_name,

@@ -26,7 +26,7 @@ log = logging.getLogger("steps")
 # main hands each step it launches the step cache's key and inputs through these, so that
 # the step's run carries them from its start: a run killed midway is still found by them.
 CACHE_ENV = {tags.CACHE_KEY: "PIPELINE_CACHE_KEY", tags.CACHE_INPUTS: "PIPELINE_CACHE_INPUTS"}
-MAX_RESUMES_KEPT = 20
+MAX_RECORDS_KEPT = 20
 
 
 @contextlib.contextmanager
@@ -94,33 +94,34 @@ def _record_continuation(earlier) -> None:
     import mlflow
 
     because = earlier.data.tags.get(tags.ENDED_BECAUSE, "")
-    add_resume(earlier.data.tags, {
+    add_record(earlier.info.run_id, tags.RESUMES, {
         "after": earlier.info.status, "because": because,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if because:
         mlflow.MlflowClient().delete_tag(earlier.info.run_id, tags.ENDED_BECAUSE)
 
 
-def resumes(run_tags: dict) -> list[dict]:
-    """A run's continuations, oldest first (``pipeline.resumes``)."""
+def records(run_tags: dict, tag: str) -> list[dict]:
+    """A run's JSON list tag (``pipeline.resumes``, ``pipeline.restarts``), oldest first."""
     try:
-        found = json.loads(run_tags.get(tags.RESUMES, "[]"))
+        found = json.loads(run_tags.get(tag, "[]"))
     except ValueError:
         return []
     return found if isinstance(found, list) else []
 
 
-def add_resume(run_tags: dict, record: dict, amend: bool = False) -> None:
-    """Append ``record`` to the active run's ``pipeline.resumes`` (``amend``: merge it
-    into the newest record instead), keeping the newest :data:`MAX_RESUMES_KEPT`."""
+def add_record(run_id: str, tag: str, record: dict, amend: bool = False) -> None:
+    """Append ``record`` to the run's JSON list tag ``tag`` (``amend``: merge it into the
+    newest record instead), keeping the newest :data:`MAX_RECORDS_KEPT`."""
     import mlflow
 
-    found = resumes(run_tags)
+    client = mlflow.MlflowClient()
+    found = records(client.get_run(run_id).data.tags, tag)
     if amend and found:
         found[-1].update(record)
     else:
         found.append(record)
-    mlflow.set_tag(tags.RESUMES, json.dumps(found[-MAX_RESUMES_KEPT:]))
+    client.set_tag(run_id, tag, json.dumps(found[-MAX_RECORDS_KEPT:]))
 
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -238,15 +239,19 @@ def close_orphans(client, experiment_id: str) -> list[str]:
         if not pid.isdigit() or not _process_gone(int(pid), run.data.tags.get(tags.PID_STARTED,
                                                                                "")):
             continue
-        client.set_tag(run.info.run_id, tags.ENDED_BECAUSE,
-                       f"its process {pid} on {host} was gone (killed or crashed); marked "
-                       f"KILLED by a later run")
-        client.set_terminated(run.info.run_id, "KILLED")
+        mark_killed(client, run.info.run_id, f"its process {pid} on {host} was gone (killed "
+                    "or crashed); marked KILLED by a later run")
         closed.append(run.info.run_id)
     if closed:
         log.warning("marked KILLED %d run(s) whose process is gone: %s", len(closed),
                     ", ".join(closed))
     return closed
+
+
+def mark_killed(client, run_id: str, because: str) -> None:
+    """End a run whose process is gone KILLED, saying why in ``pipeline.ended_because``."""
+    client.set_tag(run_id, tags.ENDED_BECAUSE, redact(because)[:500])
+    client.set_terminated(run_id, "KILLED")
 
 
 def log_dataset(x, y, name: str, context: str) -> None:

@@ -3,16 +3,23 @@ sweep logs at its end. ``steps/tune.py`` only parses, opens its run and calls th
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
 from steps.core.choices import ARCHS, OPTIMIZERS
 from steps.tracking import tags
 from steps.tracking.fitting import fit_and_log
-from steps.tracking.runs import step_run
+from steps.tracking.runs import mark_killed, step_run
+
+log = logging.getLogger("steps.tune")
 
 VAL_FRACTION = 0.1
 TRIAL_RUN_ATTR = "mlflow_run_id"  # Optuna user attribute: the trial's run, for every worker
+# A shared study gives a worker up after this many missed heartbeats (Optuna's grace period).
+MISSED_BEATS = 3
+# How often the parameters of a trial whose worker was lost are tried again.
+MAX_RETRIES = 2
 
 
 def search_space(trial) -> dict:
@@ -79,9 +86,12 @@ class Objective:
                              batch_size=params["batch_size"], optimizer=params["optimizer"],
                              arch=params["arch"], hidden=parse_hidden(params["hidden"]),
                              patience=self.patience)
+        # A retry (StaleTrials) starts with the user attributes of the trial it retries.
+        lost_run = trial.user_attrs.get(TRIAL_RUN_ATTR)
         with step_run("tune_trial", run_name=f"trial-{trial.number}", nested=True, **{
                 tags.OPTUNA_TRIAL: str(trial.number), tags.DATA_URI: self.data_uri,
                 tags.DATA_DIGEST: self.dataset.digest, tags.DATASET: self.dataset.name,
+                **({tags.RETRY_OF_RUN: lost_run} if lost_run else {}),
         }) as run:
             self.trials_run += 1
             trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
@@ -112,6 +122,42 @@ class Objective:
             return fit_and_log(config, self.dataset, VAL_FRACTION, on_epoch_end=report)
         except optuna.TrialPruned:
             return None
+
+
+class StaleTrials:
+    """Optuna's ``heartbeat_stale_trial_callback`` for a shared study.
+
+    A surviving worker has just marked FAILED a trial whose worker stopped beating (killed,
+    its machine lost). Its parameters are queued to be tried again by whichever worker
+    starts a trial next (Optuna's ``RetryHeartbeatStaleTrialCallback``, at most
+    :data:`MAX_RETRIES` times), and the lost worker's MLflow runs, the trial's and its
+    ``tune`` run, are closed KILLED saying why: no process is left to close them.
+    """
+
+    def __init__(self, grace_period: int) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.grace_period = grace_period
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+    def __call__(self, study, trial) -> None:
+        import mlflow
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self.retry(study, trial)
+        because = (f"its tune worker stopped (Optuna trial {trial.number} had no heartbeat for "
+                   f"{self.grace_period}s); marked KILLED by a surviving worker")
+        log.warning("tune: trial %d lost its worker (no heartbeat for %ds); its parameters "
+                    "are tried again", trial.number, self.grace_period)
+        client = mlflow.MlflowClient()
+        run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+        while run_id:
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                mark_killed(client, run_id, because)
+            # The trial's parent is the lost worker's tune run; it stops there.
+            run_id = (run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+                      if run.data.tags.get(tags.STEP) == "tune_trial" else None)
 
 
 def log_sweep_summary(study) -> dict:

@@ -22,9 +22,11 @@ STUDY_BEST_RUN = "pipeline.study_best_run_id"  # the study's best trial, any wor
 CHECKPOINT = "pipeline.checkpoint"  # JSON: the newest whole checkpoint (file, epoch, sha256)
 CHECKPOINT_REFUSED = "pipeline.checkpoint_refused"  # why a checkpoint was not resumed
 RESUMES = "pipeline.resumes"  # JSON list: each continuation of the run, oldest first
+RESTARTS = "pipeline.restarts"  # JSON list: each restart of a data-parallel job, its cause
 RESUMED_RUN = "pipeline.resumed_run_id"  # on the launcher's run of `-e train -P resume=ID`
 OPTUNA_TRIAL = "optuna.trial"  # Optuna's own names, kept as Optuna users know them
 OPTUNA_STATE = "optuna.state"
+RETRY_OF_RUN = "pipeline.retry_of_run_id"  # on a trial: the lost trial run it tries again
 
 # On runs: the step cache (steps/tracking/cache.py).
 CACHE_KEY = "pipeline.cache_key"
