@@ -53,11 +53,14 @@ def run_name(dataset: str, arch: str, epochs: int, learning_rate: float) -> str:
 @options.MAX_RESTARTS()
 @options.CHECKPOINT_EVERY()
 @options.MODEL_NAME()
+@options.MIN_DELTA()
+@options.MIN_SCORE()
 @click.option("--use-cache", type=click.BOOL, default=True, show_default=True,
               help="Reuse finished steps with identical inputs and code.")
 def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_size: int,
         optimizer: str, arch: str, hidden: str, seed: int, patience: int, workers: int,
-        max_restarts: int, checkpoint_every: int, model_name: str, use_cache: bool) -> None:
+        max_restarts: int, checkpoint_every: int, model_name: str, min_delta: float,
+        min_score: float | None, use_cache: bool) -> None:
     """Run the whole pipeline: download_data, train, evaluate, register."""
     import mlflow
 
@@ -86,9 +89,9 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
         model_uri = train_run.data.tags[tags.MODEL_URI]
         eval_run = pipeline.step("evaluate", {"model_uri": model_uri, "data": data_uri,
                                               "model_name": model_name}, {"train": train_run})
-        register_run = pipeline.step("register", {"model_uri": model_uri,
-                                                  "model_name": model_name},
-                                     {"evaluate": eval_run})
+        register_run = pipeline.step("register", {
+            "model_uri": model_uri, "model_name": model_name, "min_delta": min_delta,
+            "min_score": "" if min_score is None else min_score}, {"evaluate": eval_run})
         done = {"download_data": data_run, "train": train_run, "evaluate": eval_run,
                 "register": register_run}
         version = register_run.data.tags.get(tags.REGISTERED_VERSION, "")

@@ -6,15 +6,19 @@ Reads:  ``--model-uri`` (empty = the model of the newest finished evaluate run) 
         ``models:/<name>@<alias>`` of ``--model-name`` names an existing version directly.
 Writes: a model version of ``--model-name`` (none if this model is already registered),
         tagged ``model_uri``, ``data_digest``, ``dataset``, ``train_run_id``,
-        ``evaluate_run_id`` and its test metrics; the ``--alias`` (default ``champion``)
-        when the version beats the current holder on the same data, or none holds it, or
-        the holder's model can no longer be read, or ``--force`` is true (versions that
-        outrank a forced target are tagged ``demoted``); each move appended to the
-        registered model's ``alias_history`` tag;
-        artifacts ``challenger/per_class_accuracy.{png,csv}`` and
-        ``challenger/disagreements.png`` when the version is compared with a holder on
-        the same data;
-        params ``model_uri``, ``model_name``, ``alias``, ``metric``, ``force``;
+        ``evaluate_run_id``, its test metrics (accuracy with its 95% interval), and
+        ``validation_status`` (``passed``/``rejected``) with ``validation_reason``: the
+        promotion rule, judged against the holder when it is registered (beat it by at
+        least ``--min-delta`` on ``--metric`` and reach ``--min-score``); the ``--alias``
+        (default ``champion``) moves to the best passing version on the holder's data, or
+        when none holds it, or the holder's model can no longer be read, or ``--force`` is
+        true (the target then passes; versions that outrank it are tagged ``demoted``);
+        each move, with its rule, appended to the registered model's ``alias_history``;
+        artifacts ``challenger/per_class_accuracy.{png,csv}``,
+        ``challenger/disagreements.png`` and ``challenger/calibration_and_roc.png`` when
+        the version is compared with a holder on the same data;
+        params ``model_uri``, ``model_name``, ``alias``, ``metric``, ``min_delta``,
+        ``min_score``, ``force``;
         tags ``pipeline.step``, ``pipeline.registered_version``, ``pipeline.alias_decision``.
 
 The registry logic (race-safe alias moves, history, comparisons) is in
@@ -32,13 +36,16 @@ from steps.tracking.challenger import log_challenger_report
 from steps.tracking.cli import StepError, run_cli
 from steps.tracking.registry import (
     Candidate,
+    PromotionRule,
     candidates,
     current_holder,
     find_evaluation,
     force_alias,
+    holder_to_beat,
     register_version,
     registered_version,
     settle_alias,
+    stored_score,
     version_candidate,
 )
 from steps.tracking.runs import log_cli_params, run_link, step_run
@@ -51,9 +58,12 @@ log = logging.getLogger("steps.register")
 @options.MODEL_NAME()
 @options.ALIAS()
 @options.METRIC()
+@options.MIN_DELTA()
+@options.MIN_SCORE()
 @click.option("--force", type=click.BOOL, default=False, show_default=True,
               help="Move ALIAS to this version whatever the scores (rollback, promotion).")
-def cli(model_uri: str, model_name: str, alias: str, metric: str, force: bool) -> None:
+def cli(model_uri: str, model_name: str, alias: str, metric: str, min_delta: float,
+        min_score: float | None, force: bool) -> None:
     """Register MODEL_URI as a version of MODEL_NAME; move ALIAS if it is the best."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -61,6 +71,7 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str, force: bool) -
     if force and not model_uri:
         raise StepError("force=true needs model_uri: the version to move the alias to, e.g. "
                         f"models:/{model_name}/<version>")
+    rule = PromotionRule(metric, min_delta, min_score)
     with step_run("register") as run:
         client = mlflow.MlflowClient()
         log_cli_params()
@@ -72,18 +83,28 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str, force: bool) -
             else:
                 evaluation = find_evaluation(client, run.info.experiment_id, model_uri)
                 model_uri = evaluation.data.tags[tags.MODEL_URI]
-                if metric not in evaluation.data.metrics:
+                scores = evaluation.data.metrics
+                if metric not in scores:
                     raise StepError(f"evaluate run {evaluation.info.run_id} has no metric "
                                     f"{metric}")
-                version = register_version(client, model_name, model_uri, evaluation)
-                new = Candidate(int(version.version), evaluation.data.metrics[metric],
-                                evaluation.data.tags[tags.DATA_DIGEST], model_uri)
-            holder = candidates(client, model_name, metric, demoted=True).get(
+                ci = ((stored_score(scores["test_accuracy_ci_low"]),
+                       stored_score(scores["test_accuracy_ci_high"]))
+                      if metric == "test_accuracy" and "test_accuracy_ci_low" in scores
+                      else None)
+                # Judged as it will be stored, against the holder as it is now.
+                judged = Candidate(0, stored_score(scores[metric]),
+                                   evaluation.data.tags[tags.DATA_DIGEST], model_uri, ci)
+                to_beat = holder_to_beat(client, model_name, alias, metric)
+                version = register_version(client, model_name, model_uri, evaluation,
+                                           rule.judge(judged, to_beat) if not force else
+                                           ("", ""))
+                new = version_candidate(client, model_name, int(version.version), metric)
+            holder = candidates(client, model_name, metric, barred=True).get(
                 current_holder(client, model_name, alias) or -1)
             if force:
-                decision = force_alias(client, model_name, alias, metric, new, run_id)
+                decision = force_alias(client, model_name, alias, rule, new, run_id)
             else:
-                decision = settle_alias(client, model_name, alias, metric, new, run_id)
+                decision = settle_alias(client, model_name, alias, rule, new, run_id)
         except MlflowException as exc:
             if exc.error_code != "PERMISSION_DENIED":
                 raise

@@ -164,7 +164,37 @@ def test_evaluate_predictions_against_hand_counts():
     assert flat["test_recall_class_1"] == 1.0 and "test_macro_f1" in flat
     rows = ev.per_class_rows(["a", "b", "c"])
     assert rows[2] == {"class": 2, "name": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0,
-                       "support": 1}
+                       "roc_auc": 1.0, "pr_auc": 1.0, "support": 1}
+    # The probability metrics, by hand: every image is in a calibration bin of its own, so
+    # the ECE is the mean |right - confidence|; Brier sums each image's squared distance
+    # to its one-hot label; the true class is always among the top two.
+    assert ev.ece == pytest.approx((0.1 + 0.8 + 0.0 + 0.4 + 0.5) / 5)
+    assert ev.brier == pytest.approx((0.02 + 1.28 + 0.0 + 0.32 + 0.5) / 5)
+    assert ev.top2_accuracy == 1.0
+    # Class 0: positives score .9 and .2, negatives 0, 0 and .5: 5 of 6 pairs ranked right.
+    assert ev.roc_auc[0] == pytest.approx(5 / 6)
+    assert flat["test_roc_auc_class_0"] == pytest.approx(5 / 6)
+    assert flat["test_accuracy_ci_low"] < 0.6 < flat["test_accuracy_ci_high"]
+
+
+def test_wilson_interval_matches_the_textbook_and_stays_in_bounds():
+    low, high = metrics.wilson_interval(8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+    assert metrics.wilson_interval(10, 10)[1] == 1.0 and metrics.wilson_interval(0, 10)[0] == 0.0
+    narrow = metrics.wilson_interval(9545, 10000)
+    assert narrow[0] < 0.9545 < narrow[1] and narrow[1] - narrow[0] < 0.01
+
+
+def test_a_class_missing_from_the_labels_has_no_auc_and_no_nan_metric():
+    y = np.array([0, 1, 0, 1])
+    probs = np.array([[.7, .2, .1], [.1, .8, .1], [.6, .3, .1], [.3, .6, .1]])
+    ev = metrics.evaluate_predictions(y, probs, num_classes=3)
+    assert np.isnan(ev.roc_auc[2]) and np.isnan(ev.pr_auc[2])
+    flat = ev.scalar_metrics()
+    assert "test_roc_auc_class_2" not in flat
+    assert not any(np.isnan(v) for v in flat.values())
+    assert ev.per_class_rows(["a", "b", "c"])[2]["roc_auc"] == ""
+    assert [k for k, *_ in metrics.curves(y, probs, "roc")] == [0, 1]
 
 
 def test_evaluate_predictions_rejects_empty():
@@ -193,6 +223,21 @@ def test_figures_render():
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_accuracy": 0.7},
                {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.8}]
     assert _png(plots.training_curves_figure(history))[:4] == b"\x89PNG"
+    y = np.arange(40) % 4
+    probs = np.full((40, 4), 0.1)
+    probs[np.arange(40), y] = 0.7
+    probs[::5] = probs[::5, ::-1]  # some mistakes
+    for kind in ("roc", "pr"):
+        fig = plots.class_curves_figure(metrics.curves(y, probs, kind), list("abcd"), kind)
+        assert len(fig.axes[0].get_legend().get_texts()) == 4
+        assert _png(fig)[:4] == b"\x89PNG"
+    diagram = metrics.reliability(y, probs)
+    assert _png(plots.reliability_figure(*diagram, metrics.expected_calibration_error(
+        y, probs)))[:4] == b"\x89PNG"
+    both = plots.calibration_and_roc_comparison_figure(
+        [("v1", diagram, 0.1, metrics.micro_roc(y, probs)),
+         ("v2", diagram, 0.2, metrics.micro_roc(y, probs))])
+    assert _png(both)[:4] == b"\x89PNG"
     sweep = plots.search_history_figure([0.8, None, 0.9, 0.3], ["COMPLETE", "FAIL", "COMPLETE",
                                                                 "PRUNED"])
     assert [line.get_label() for line in sweep.axes[0].lines] == [

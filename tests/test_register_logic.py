@@ -1,5 +1,7 @@
 """The alias decision against a real sqlite registry, without training anything: versions are
-created directly with the tags ``register`` writes, and races are simulated."""
+created directly with the tags ``register`` writes, and races are simulated. The promotion
+rule (min_delta, min_score) judges each version as ``register`` does: against the holder
+at registration, its verdict written with the version."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ from steps.tracking import registry as registry_module
 from steps.tracking.cli import StepError
 from steps.tracking.registry import (
     Candidate,
+    PromotionRule,
     alias_history,
     best_of,
     candidates,
     force_alias,
+    holder_to_beat,
     record_move,
     settle_alias,
 )
 
 NAME = "mnist-classifier"
+RULE = PromotionRule("test_accuracy")  # today's default: beat the holder by anything
 
 
 @pytest.fixture
@@ -38,6 +43,17 @@ def registry(tracking_uri, tmp_path):
                   "data_digest": digest})
         return Candidate(int(version.version), accuracy, digest)
 
+    def judged(score: float, rule: PromotionRule, digest: str = "d1") -> Candidate:
+        """What ``register`` does: judge against the holder as it is now, and create the
+        version with the verdict in its tags."""
+        status, reason = rule.judge(Candidate(0, score, digest),
+                                    holder_to_beat(client, NAME, "champion", rule.metric))
+        version = client.create_model_version(NAME, source=str(source), tags={
+            rule.metric: str(score), "data_digest": digest, "validation_status": status,
+            "validation_reason": reason})
+        return Candidate(int(version.version), score, digest, str(source))
+
+    add.judged = judged
     return client, add
 
 
@@ -54,19 +70,19 @@ def test_best_of_prefers_higher_accuracy_lower_loss_and_older_ties():
 def test_first_version_takes_the_alias(registry):
     client, add = registry
     v1 = add(0.90)
-    assert "champion -> v1" in settle_alias(client, NAME, "champion", "test_accuracy", v1)
+    assert "champion -> v1" in settle_alias(client, NAME, "champion", RULE, v1)
     assert holder(client) == 1
 
 
 def test_better_moves_worse_stays_other_data_is_not_compared(registry):
     client, add = registry
-    settle_alias(client, NAME, "champion", "test_accuracy", add(0.90))
+    settle_alias(client, NAME, "champion", RULE, add(0.90))
     worse = add(0.80)
-    assert "stays on v1" in settle_alias(client, NAME, "champion", "test_accuracy", worse)
+    assert "stays on v1" in settle_alias(client, NAME, "champion", RULE, worse)
     better = add(0.95)
-    assert "champion -> v3" in settle_alias(client, NAME, "champion", "test_accuracy", better)
+    assert "champion -> v3" in settle_alias(client, NAME, "champion", RULE, better)
     other_data = add(0.99, digest="d2")
-    decision = settle_alias(client, NAME, "champion", "test_accuracy", other_data)
+    decision = settle_alias(client, NAME, "champion", RULE, other_data)
     assert "other data" in decision and holder(client) == 3
 
 
@@ -75,7 +91,7 @@ def test_a_lost_race_is_repaired(registry):
     good, bad = add(0.95), add(0.80)
     # The worse pipeline's write landed last, as MLflow's last-writer-wins allows.
     client.set_registered_model_alias(NAME, "champion", str(bad.version))
-    settle_alias(client, NAME, "champion", "test_accuracy", good)
+    settle_alias(client, NAME, "champion", RULE, good)
     assert holder(client) == good.version
 
 
@@ -86,7 +102,7 @@ def test_concurrent_registrations_end_on_the_best(registry):
 
     def register(candidate):
         try:
-            settle_alias(mlflow.MlflowClient(), NAME, "champion", "test_accuracy", candidate)
+            settle_alias(mlflow.MlflowClient(), NAME, "champion", RULE, candidate)
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -107,19 +123,19 @@ def test_concurrent_registrations_end_on_the_best(registry):
 def test_a_forced_rollback_sticks_until_a_better_new_version(registry):
     client, add = registry
     v1, v2 = add(0.90), add(0.95)
-    settle_alias(client, NAME, "champion", "test_accuracy", v2, run_id="r-first")
-    decision = force_alias(client, NAME, "champion", "test_accuracy", v1, run_id="r-rollback")
+    settle_alias(client, NAME, "champion", RULE, v2, run_id="r-first")
+    decision = force_alias(client, NAME, "champion", RULE, v1, run_id="r-rollback")
     assert holder(client) == 1
     assert "forced" in decision and "was v2 (0.9500)" in decision and "demoted v2" in decision
     assert "demoted" in client.get_model_version(NAME, "2").tags
     # The next ordinary registration does not hand the alias back to the demoted v2 ...
     v3 = add(0.92)
-    assert "champion -> v3" in settle_alias(client, NAME, "champion", "test_accuracy", v3)
+    assert "champion -> v3" in settle_alias(client, NAME, "champion", RULE, v3)
     # ... and re-registering v2 itself says why it cannot take the alias.
-    decision = settle_alias(client, NAME, "champion", "test_accuracy", v2)
+    decision = settle_alias(client, NAME, "champion", RULE, v2)
     assert holder(client) == 3 and "demoted by a forced move" in decision
     # A forced promotion brings it back and clears its tag.
-    force_alias(client, NAME, "champion", "test_accuracy", v2, run_id="r-promote")
+    force_alias(client, NAME, "champion", RULE, v2, run_id="r-promote")
     assert holder(client) == 2 and "demoted" not in client.get_model_version(NAME, "2").tags
     moves = [(m["from_version"], m["to_version"], m["forced"], m["register_run_id"])
              for m in alias_history(client, NAME)]
@@ -135,7 +151,7 @@ def test_force_refuses_a_version_whose_model_is_gone(registry, tmp_path):
     v1 = add(0.90)
     gone = Candidate(v1.version, v1.score, v1.digest, "runs:/0123456789abcdef/model")
     with pytest.raises(StepError, match="cannot force champion onto"):
-        force_alias(client, NAME, "champion", "test_accuracy", gone)
+        force_alias(client, NAME, "champion", RULE, gone)
     assert client.get_registered_model(NAME).aliases == {}
 
 
@@ -145,7 +161,7 @@ def test_the_history_keeps_the_newest_hundred(registry, monkeypatch):
            for k in range(registry_module.HISTORY_LIMIT)]
     client.set_registered_model_tag(NAME, "alias_history", json.dumps(old))
     v1 = add(0.9)
-    move = record_move(client, NAME, "champion", "test_accuracy", None, v1, False, "r")
+    move = record_move(client, NAME, "champion", RULE, None, v1, False, "r")
     history = alias_history(client, NAME)
     assert len(history) == registry_module.HISTORY_LIMIT
     assert history[-1] == move and history[0] == old[1]
@@ -158,7 +174,7 @@ def test_concurrent_history_writers_lose_no_move(registry):
 
     def write(k: int) -> None:
         try:
-            record_move(mlflow.MlflowClient(), NAME, "champion", "test_accuracy", None, target,
+            record_move(mlflow.MlflowClient(), NAME, "champion", RULE, None, target,
                         False, f"run-{k}")
         except Exception as exc:  # surfaced below
             errors.append(exc)
@@ -171,3 +187,90 @@ def test_concurrent_history_writers_lose_no_move(registry):
     assert not errors
     assert sorted(m["register_run_id"] for m in alias_history(client, NAME)) == [
         f"run-{k}" for k in range(8)]
+
+
+def verdict(client, version: int) -> str:
+    return client.get_model_version(NAME, str(version)).tags["validation_status"]
+
+
+def test_a_gain_under_min_delta_keeps_the_holder_and_says_why(registry):
+    client, add = registry
+    rule = PromotionRule("test_accuracy", min_delta=0.002)
+    v1 = add.judged(0.9545, rule)
+    assert "champion -> v1" in settle_alias(client, NAME, "champion", rule, v1)
+    v2 = add.judged(0.9551, rule)
+    decision = settle_alias(client, NAME, "champion", rule, v2)
+    assert decision == ("champion stays on v1 (0.9545); v2 rejected: test_accuracy 0.9551 vs "
+                        "v1's 0.9545: +0.0006 < min_delta 0.002")
+    assert holder(client) == 1 and verdict(client, 2) == "rejected"
+    v3 = add.judged(0.9570, rule)
+    decision = settle_alias(client, NAME, "champion", rule, v3, run_id="r3")
+    assert decision.startswith("champion -> v3 (test_accuracy 0.9570), was v1 (0.9545); v3 "
+                               "passed: test_accuracy 0.9570 vs v1's 0.9545: +0.0025 >= "
+                               "min_delta 0.002")
+    assert alias_history(client, NAME)[-1]["rule"] == {
+        "metric": "test_accuracy", "min_delta": 0.002, "min_score": None}
+    assert verdict(client, 3) == "passed" and holder(client) == 3
+    # The rejected v2 never holds the alias: with v3's model gone it falls back to v1.
+    client.set_model_version_tag(NAME, "3", "model_uri", "runs:/0123456789abcdef/model")
+    assert "champion -> v1" in settle_alias(client, NAME, "champion", rule, v2)
+
+
+def test_a_score_under_min_score_keeps_the_holder_or_sets_none(registry):
+    client, add = registry
+    rule = PromotionRule("test_accuracy", min_score=0.95)
+    v1 = add.judged(0.90, rule)
+    assert settle_alias(client, NAME, "champion", rule, v1) == (
+        "champion not set; v1 rejected: test_accuracy 0.9000 < min_score 0.95")
+    assert client.get_registered_model(NAME).aliases == {}
+    v2 = add.judged(0.96, rule)
+    assert "champion -> v2" in settle_alias(client, NAME, "champion", rule, v2)
+    v3 = add.judged(0.94, rule)
+    assert "v3 rejected: test_accuracy 0.9400 < min_score 0.95" in settle_alias(
+        client, NAME, "champion", rule, v3)
+    assert holder(client) == 2
+
+
+def test_lower_is_better_with_test_loss(registry):
+    client, add = registry
+    rule = PromotionRule("test_loss", min_delta=0.01, min_score=0.25)
+    v1 = add.judged(0.24, rule)
+    settle_alias(client, NAME, "champion", rule, v1)
+    v2 = add.judged(0.235, rule)  # lower, but by less than min_delta
+    assert "+0.0050 < min_delta 0.01" in settle_alias(client, NAME, "champion", rule, v2)
+    v3 = add.judged(0.20, rule)
+    assert "+0.0400 >= min_delta 0.01, <= min_score 0.25" in settle_alias(
+        client, NAME, "champion", rule, v3)
+    assert holder(client) == 3
+    # A higher loss is worse however small min_delta is; above the ceiling is refused too.
+    worse = PromotionRule("test_loss")
+    assert "-0.0100 not better" in worse.judge(Candidate(0, 0.21, "d1"),
+                                                Candidate(3, 0.20, "d1"))[1]
+    assert worse.judge(Candidate(0, 0.19, "d1"), Candidate(3, 0.20, "d1"))[0] == "passed"
+    assert rule.judge(Candidate(0, 0.26, "d1"), None) == (
+        "rejected", "test_loss 0.2600 > min_score 0.25")
+
+
+def test_concurrent_registrations_end_on_the_best_passing_version(registry):
+    client, add = registry
+    rule = PromotionRule("test_accuracy", min_score=0.92)
+    errors, made = [], []
+
+    def register(score):
+        try:
+            made.append(add.judged(score, rule))
+            settle_alias(mlflow.MlflowClient(), NAME, "champion", rule, made[-1])
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(s,)) for s in (0.91, 0.97, 0.93, 0.95)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    by_score = {c.score: c.version for c in made}
+    assert holder(client) == by_score[0.97]
+    assert verdict(client, by_score[0.97]) == "passed"
+    assert verdict(client, by_score[0.91]) == "rejected"  # under min_score whatever the race
+    assert all(m["to_version"] != by_score[0.91] for m in alias_history(client, NAME))

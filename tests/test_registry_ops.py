@@ -46,10 +46,13 @@ def test_a_compared_challenger_gets_a_report(two_versions):
     _, runs = two_versions
     (holder_eval, _), (challenger_eval, register) = runs
     assert "champion stays on v1" in register.data.tags[tags.ALIAS_DECISION]
+    # The default rule: a version that does not beat the holder is registered, rejected.
+    v2 = mlflow.MlflowClient().get_model_version(NAME, "2").tags
+    assert v2["validation_status"] == "rejected" and "not better" in v2["validation_reason"]
     client = mlflow.MlflowClient()
     files = {f.path for f in client.list_artifacts(register.info.run_id, "challenger")}
     assert files == {"challenger/per_class_accuracy.csv", "challenger/per_class_accuracy.png",
-                     "challenger/disagreements.png"}
+                     "challenger/disagreements.png", "challenger/calibration_and_roc.png"}
     text = mlflow.artifacts.load_text(
         f"runs:/{register.info.run_id}/challenger/per_class_accuracy.csv")
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -89,8 +92,11 @@ def test_a_forced_rollback_moves_the_alias_and_is_in_the_history(two_versions):
     (["--force", "true"], ["force=true needs model_uri"]),
     (["--force", "true", "--model-uri", f"models:/{NAME}/9"], ["has no such version"]),
     (["--force", "maybe"], ["force"]),
+    (["--min-delta", "-0.1"], ["invalid value for min_delta"]),
+    (["--min-score", "high"], ["invalid value for min_score", "not a number"]),
+    (["--min-score", "nan"], ["invalid value for min_score", "not a finite number"]),
 ])
-def test_force_refusals_are_one_line(two_versions, args, words):
+def test_register_refusals_are_one_line(two_versions, args, words):
     uri, _ = two_versions
     before = alias_history(mlflow.MlflowClient(), NAME)
     assert_clean_failure(run_step("register", *args), *words)

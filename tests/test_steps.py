@@ -152,13 +152,23 @@ def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(eval_run, tr
     metrics = run.data.metrics
     assert 0.8 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
     for k in range(10):
-        for name in ("precision", "recall", "f1"):
+        for name in ("precision", "recall", "f1", "roc_auc", "pr_auc"):
             assert f"test_{name}_class_{k}" in metrics
+    assert metrics["test_accuracy_ci_low"] < metrics["test_accuracy"] < metrics[
+        "test_accuracy_ci_high"]
+    assert metrics["test_accuracy"] <= metrics["test_top2_accuracy"] <= 1
+    assert 0 <= metrics["test_ece"] < 1 and 0 <= metrics["test_brier"] < 2
+    assert 0.5 < metrics["test_macro_roc_auc"] <= 1 and 0 < metrics["test_macro_pr_auc"] <= 1
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "misclassified.png",
-            "per_class_metrics.csv"} <= artifacts
+            "roc_curves.png", "pr_curves.png", "reliability_diagram.png",
+            "per_class_metrics.csv", "probabilities.npy"} <= artifacts
     csv_text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/per_class_metrics.csv")
-    assert csv_text.splitlines()[0] == "class,name,precision,recall,f1,support"
+    assert csv_text.splitlines()[0] == "class,name,precision,recall,f1,roc_auc,pr_auc,support"
+    probabilities = np.load(mlflow.artifacts.download_artifacts(
+        f"runs:/{run.info.run_id}/probabilities.npy"))
+    assert probabilities.shape == (359, 10)  # the digits test split, every class
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
 
 
 def test_register_creates_a_tagged_version_and_the_alias(registered, train_run, eval_run):
@@ -171,6 +181,9 @@ def test_register_creates_a_tagged_version_and_the_alias(registered, train_run, 
     assert float(version.tags["test_accuracy"]) == pytest.approx(
         eval_run.data.metrics["test_accuracy"], abs=1e-6)
     assert version.tags["data_digest"] == eval_run.data.tags[tags.DATA_DIGEST]
+    assert float(version.tags["test_accuracy_ci_low"]) < float(version.tags["test_accuracy"])
+    assert version.tags["validation_status"] == "passed"
+    assert version.tags["validation_reason"].endswith("no holder to beat")
     assert "champion -> v1" in run.data.tags[tags.ALIAS_DECISION]
 
 
@@ -187,11 +200,20 @@ def test_a_worse_model_does_not_take_the_alias(registered, data_run):
     weak = run_entry("train", data=data_run.data.tags[tags.DATA_URI], epochs=1,
                      learning_rate=1e-5)
     run_entry("evaluate", model_uri=weak.data.tags[tags.MODEL_URI])
-    run = run_entry("register", model_uri=weak.data.tags[tags.MODEL_URI])
-    assert run.data.tags[tags.REGISTERED_VERSION] != str(champion)
-    assert f"champion stays on v{champion}" in run.data.tags[tags.ALIAS_DECISION]
+    run = run_entry("register", model_uri=weak.data.tags[tags.MODEL_URI], min_delta=0.001,
+                    min_score=0.5)
+    new = run.data.tags[tags.REGISTERED_VERSION]
+    assert new != str(champion)
+    decision = run.data.tags[tags.ALIAS_DECISION]
+    assert decision.startswith(f"champion stays on v{champion}")
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias("mnist-classifier", "champion").version == champion
+    # Registered all the same, with the rule's verdict and its numbers.
+    version = client.get_model_version("mnist-classifier", new)
+    assert version.tags["validation_status"] == "rejected"
+    assert version.tags["validation_reason"] in decision
+    assert "< min_delta 0.001" in decision or "< min_score 0.5" in decision
+    assert run.data.params["min_delta"] == "0.001" and run.data.params["min_score"] == "0.5"
 
 
 def test_evaluate_alone_prefers_the_champion(registered):

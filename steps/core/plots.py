@@ -1,4 +1,5 @@
-"""Figures for people: confusion matrices, misclassified examples, training curves.
+"""Figures for people: confusion matrices, misclassified examples, training curves, ROC and
+precision-recall curves, reliability diagrams.
 
 Built on ``matplotlib.figure.Figure`` directly (no pyplot): no global state, no GUI backend,
 and nothing to close when a figure goes out of scope.
@@ -89,6 +90,77 @@ def misclassified_figure(
         if len(wrong) else "no misclassified images",
         fontsize=10,
     )
+    return fig
+
+
+def class_curves_figure(curves: list[tuple], class_names: list[str], kind: str) -> Figure:
+    """Every class's one-vs-rest ROC curve (``kind="roc"``) or precision-recall curve
+    (``"pr"``) in one axes, its area in the legend (``steps.core.metrics.curves``)."""
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.add_subplot()
+    for k, x, y, area in curves:
+        ax.plot(x, y, lw=1.2, label=f"{class_names[k]}  ({area:.3f})",
+                drawstyle="steps-post" if kind == "pr" else "default")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], ":", color="gray", lw=1)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate",
+               title="ROC curves, one class against the rest (AUC)")
+        ax.legend(loc="lower right", fontsize=8, title="class (AUC)")
+    else:
+        ax.set(xlabel="recall", ylabel="precision",
+               title="Precision-recall curves, one class against the rest (AP)")
+        ax.legend(loc="lower left", fontsize=8, title="class (average precision)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _reliability_axes(ax, diagrams: list[tuple]) -> None:
+    """Draw reliability curves (label, mean confidence, accuracy, counts, ECE) and the
+    diagonal of perfect calibration."""
+    ax.plot([0, 1], [0, 1], ":", color="gray", lw=1, label="perfectly calibrated")
+    for label, confidence, accuracy, _counts, ece in diagrams:
+        ax.plot(confidence, accuracy, "o-", ms=4, label=f"{label} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence of the predicted class", ylabel="accuracy",
+           xlim=(0, 1.01), ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def reliability_figure(confidence: np.ndarray, accuracy: np.ndarray, counts: np.ndarray,
+                       ece: float) -> Figure:
+    """Reliability diagram of the top label, with how many images each bin holds."""
+    fig = Figure(figsize=(7, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    _reliability_axes(top, [("model", confidence, accuracy, counts, ece)])
+    top.set_title("Reliability diagram: is a confidence of 90% right 90% of the time?")
+    bottom.bar(confidence, counts, width=0.04, color="tab:blue")
+    bottom.set_yscale("log")
+    bottom.set(xlabel="confidence of the predicted class", ylabel="images per bin (log)")
+    top.set_xlabel("")
+    return fig
+
+
+def calibration_and_roc_comparison_figure(models: list[tuple]) -> Figure:
+    """Two models side by side: their reliability diagrams in one panel and their pooled
+    (micro-averaged) ROC curves in the other. ``models``: (label, reliability triple, ECE,
+    (fpr, tpr, auc))."""
+    fig = Figure(figsize=(12, 5.5), layout="constrained")
+    calibration, roc = fig.subplots(1, 2)
+    _reliability_axes(calibration, [(label, *diagram, ece)
+                                    for label, diagram, ece, _ in models])
+    calibration.set_title("Calibration of the predicted class")
+    roc.plot([0, 1], [0, 1], ":", color="gray", lw=1)
+    for label, _, _, (fpr, tpr, area) in models:
+        roc.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {area:.4f})")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate",
+            title="ROC, every class against the rest, pooled")
+    # The interesting part of a good classifier's ROC is its top-left corner.
+    roc.set_xscale("symlog", linthresh=1e-3)
+    roc.set_xlim(0, 1)
+    roc.grid(alpha=0.3)
+    roc.legend(loc="lower right", fontsize=8)
     return fig
 
 

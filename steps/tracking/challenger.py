@@ -1,11 +1,13 @@
 """The challenger report ``register`` logs when it compares a new version with the alias
-holder on the same test data: per-class accuracy of both (figure and CSV) and the images
-exactly one of them gets right.
+holder on the same test data: per-class accuracy of both (figure and CSV), the images
+exactly one of them gets right, and the two side by side for calibration (reliability
+diagrams, ECE) and ROC (pooled over the classes, AUC).
 
-Built from the ``predictions.csv`` each evaluate run logs, so no model is loaded again;
-the images come from the evaluate run's data artifact. A report that cannot be made (an
-evaluate run from before predictions were logged) is skipped with a warning: it informs
-the decision, it does not make it.
+Built from the ``predictions.csv`` and ``probabilities.npy`` each evaluate run logs, so no
+model is loaded again; the images come from the evaluate run's data artifact. A report
+that cannot be made (an evaluate run from before predictions were logged) is skipped with
+a warning, and the calibration figure alone when probabilities are missing: it informs the
+decision, it does not make it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 from steps.tracking import tags
 from steps.tracking.artifacts import load_data_artifact
 from steps.tracking.cli import StepError, first_line
-from steps.tracking.evaluation import PREDICTIONS_FILE, csv_text
+from steps.tracking.evaluation import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_text
 from steps.tracking.registry import Candidate
 
 log = logging.getLogger("steps.register")
@@ -32,6 +34,46 @@ def _predictions(client, evaluate_run_id: str):
     text = mlflow.artifacts.load_text(f"runs:/{evaluate_run_id}/{PREDICTIONS_FILE}")
     table = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
     return table[:, 1].astype(np.int64), table[:, 2].astype(np.int64)
+
+
+def _probabilities(evaluate_run_id: str):
+    """An evaluate run's ``probabilities.npy`` (test images, classes)."""
+    import tempfile
+
+    import mlflow
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=evaluate_run_id, artifact_path=PROBABILITIES_FILE, dst_path=tmp)
+        return np.load(path, allow_pickle=False)
+
+
+def _log_calibration_and_roc(labels, runs: dict, versions: list[tuple[str, int]]) -> bool:
+    """The two versions' reliability diagrams and pooled ROC curves side by side; False
+    (with a warning) when an evaluation has no probabilities to draw them from."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from steps.core import metrics
+    from steps.core.plots import calibration_and_roc_comparison_figure
+
+    drawn = []
+    for label, version in versions:
+        try:
+            probabilities = _probabilities(runs[version])
+            if probabilities.shape[0] != len(labels):
+                raise ValueError(f"{probabilities.shape[0]} rows for {len(labels)} images")
+        except (MlflowException, OSError, ValueError) as exc:
+            log.warning("register: no calibration and ROC comparison: %s's evaluation has no "
+                        "usable %s (%s)", label, PROBABILITIES_FILE, first_line(exc))
+            return False
+        drawn.append((label, metrics.reliability(labels, probabilities),
+                      metrics.expected_calibration_error(labels, probabilities),
+                      metrics.micro_roc(labels, probabilities)))
+    mlflow.log_figure(calibration_and_roc_comparison_figure(drawn),
+                      f"{REPORT_DIR}/calibration_and_roc.png")
+    return True
 
 
 def log_challenger_report(client, name: str, holder: Candidate, challenger: Candidate) -> str:
@@ -73,6 +115,7 @@ def log_challenger_report(client, name: str, holder: Candidate, challenger: Cand
                              comparison.only_holder_right, comparison.only_challenger_right,
                              classes, a, b),
         f"{REPORT_DIR}/disagreements.png")
+    _log_calibration_and_roc(labels, runs, [(a, holder.version), (b, challenger.version)])
     return (f"challenger report ({REPORT_DIR}/): {b} alone right on "
             f"{len(comparison.only_challenger_right)} images, {a} alone right on "
             f"{len(comparison.only_holder_right)}")

@@ -75,15 +75,22 @@ def predict_probabilities(model_uri: str, images):
 
 
 def evaluate_and_log(model_uri: str, dataset):
-    """Score ``model_uri`` on the test split; log metrics, input, figures and the per-class
-    table to the active run; return the core's ``Evaluation``."""
+    """Score ``model_uri`` on the test split; log metrics, input, figures, the per-class
+    table and the per-image predictions and probabilities to the active run; return the
+    core's ``Evaluation``."""
     import mlflow
 
-    from steps.core.metrics import evaluate_predictions
-    from steps.core.plots import confusion_matrix_figure, misclassified_figure
+    from steps.core import metrics
+    from steps.core.plots import (
+        class_curves_figure,
+        confusion_matrix_figure,
+        misclassified_figure,
+        reliability_figure,
+    )
 
     probabilities = predict_probabilities(model_uri, dataset.x_test)
-    evaluation = evaluate_predictions(dataset.y_test, probabilities, len(dataset.classes))
+    evaluation = metrics.evaluate_predictions(dataset.y_test, probabilities,
+                                              len(dataset.classes))
     mlflow.log_metrics(evaluation.scalar_metrics("test_"))
     log_dataset(dataset.x_test, dataset.y_test, f"{dataset.name}-test", context="test")
     classes = list(dataset.classes)
@@ -97,6 +104,12 @@ def evaluate_and_log(model_uri: str, dataset):
                              confidence, classes),
         "misclassified.png",
     )
+    for kind in ("roc", "pr"):
+        mlflow.log_figure(class_curves_figure(metrics.curves(dataset.y_test, probabilities,
+                                                             kind), classes, kind),
+                          f"{kind}_curves.png")
+    mlflow.log_figure(reliability_figure(*metrics.reliability(dataset.y_test, probabilities),
+                                         evaluation.ece), "reliability_diagram.png")
     mlflow.log_text(csv_text(evaluation.per_class_rows(classes)), "per_class_metrics.csv")
     # Per image, so that register can compare a challenger with the holder without
     # loading either model again.
@@ -106,10 +119,26 @@ def evaluate_and_log(model_uri: str, dataset):
         for i, (label, predicted, conf) in enumerate(
             zip(dataset.y_test, evaluation.predictions, confidence, strict=True))),
         PREDICTIONS_FILE)
+    log_array(probabilities.astype("float32"), PROBABILITIES_FILE)
     return evaluation
 
 
+def log_array(array, artifact_file: str) -> None:
+    """Log a NumPy array to the active run as an ``.npy`` file."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, Path(artifact_file).name)
+        np.save(path, array, allow_pickle=False)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent).strip(".") or None)
+
+
 PREDICTIONS_FILE = "predictions.csv"
+PROBABILITIES_FILE = "probabilities.npy"  # (test images, classes) float32, in test order
 
 
 def csv_text(rows) -> str:

@@ -101,6 +101,26 @@ ALIAS = _option("--alias", default=DEFAULT_ALIAS, callback=_check_alias,
 METRIC = _option("--metric", type=click.Choice(METRICS), default="test_accuracy",
                  help="What 'better' means (test_loss: lower is better).")
 
+
+def _check_min_score(_ctx, _param, value: str) -> float | None:
+    if value == "":
+        return None
+    try:
+        score = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number (or empty for none)") from None
+    if not score == score or score in (float("inf"), float("-inf")):
+        raise click.BadParameter(f"{value!r} is not a finite number")
+    return score
+
+
+MIN_DELTA = _option("--min-delta", type=click.FloatRange(min=0), default=0.0,
+                    help="The alias moves only to a version that beats the holder by at "
+                         "least this much on METRIC (0 = by anything).")
+MIN_SCORE = _option("--min-score", default="", callback=_check_min_score,
+                    help="The alias moves only to a version that reaches this METRIC (a "
+                         "ceiling for test_loss; empty = none).")
+
 def physical_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 

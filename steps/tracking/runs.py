@@ -288,7 +288,8 @@ def log_cli_params(**overrides) -> dict:
     params = {**click.get_current_context().params, **overrides}
     run = mlflow.active_run()
     existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
-    missing = {k: v for k, v in params.items() if k not in existing}
+    # An option left unset (None) is logged as MLflow's launcher logs it: empty.
+    missing = {k: "" if v is None else v for k, v in params.items() if k not in existing}
     if missing:
         mlflow.log_params(missing)
     return params

@@ -50,6 +50,10 @@ VERSION_EVALUATE_RUN = "evaluate_run_id"
 # Set on versions that outranked the target of a forced alias move (a rollback): they no
 # longer compete for the alias until a forced move names them again.
 VERSION_DEMOTED = "demoted"
+# Set on every version register creates: whether it passed the promotion rule
+# (min_delta, min_score) when it was registered, and why (steps/tracking/registry.py).
+VERSION_VALIDATION = "validation_status"
+VERSION_VALIDATION_REASON = "validation_reason"
 
 # On the registered model: every alias move, a JSON list, newest last (steps/tracking/registry.py).
 ALIAS_HISTORY = "alias_history"
