@@ -103,14 +103,17 @@ def class_curves_figure(curves: list[tuple], class_names: list[str], kind: str) 
                 drawstyle="steps-post" if kind == "pr" else "default")
     if kind == "roc":
         ax.plot([0, 1], [0, 1], ":", color="gray", lw=1)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate",
-               title="ROC curves, one class against the rest (AUC)")
+        ax.set(xlabel="false positive rate (log scale below 0.001)",
+               ylabel="true positive rate", title="ROC curves, one class against the rest (AUC)")
         ax.legend(loc="lower right", fontsize=8, title="class (AUC)")
+        # A good classifier's curves differ only in the top-left corner: stretch it.
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlim(0, 1)
     else:
         ax.set(xlabel="recall", ylabel="precision",
                title="Precision-recall curves, one class against the rest (AP)")
         ax.legend(loc="lower left", fontsize=8, title="class (average precision)")
-    ax.set_xlim(-0.01, 1.01)
+        ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.grid(alpha=0.3)
     return fig
@@ -154,7 +157,7 @@ def calibration_and_roc_comparison_figure(models: list[tuple]) -> Figure:
     roc.plot([0, 1], [0, 1], ":", color="gray", lw=1)
     for label, _, _, (fpr, tpr, area) in models:
         roc.plot(fpr, tpr, lw=1.5, label=f"{label} (AUC {area:.4f})")
-    roc.set(xlabel="false positive rate", ylabel="true positive rate",
+    roc.set(xlabel="false positive rate (log scale below 0.001)", ylabel="true positive rate",
             title="ROC, every class against the rest, pooled")
     # The interesting part of a good classifier's ROC is its top-left corner.
     roc.set_xscale("symlog", linthresh=1e-3)
