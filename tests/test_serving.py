@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -18,6 +19,7 @@ import pytest
 from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
+    assert_clean_failure,
     free_port,
     run_step,
     subprocess_env,
@@ -69,17 +71,44 @@ def test_pyfunc_rejects_wrong_shapes_clearly(champion):
         model.predict(np.zeros((2, 32, 32), np.float32))
 
 
+NOT_PIXELS = {
+    "NaN": (np.full((1, 28, 28), np.nan), "not finite"),
+    "infinity": (np.full((1, 784), np.inf), "not finite"),
+    "negative": (np.full((2, 28, 28), -500.0), "from -500 to -500"),
+    "huge": (np.full((1, 28, 28), 1e30), "from 0 to 255"),
+    "a number": (np.float32(7), "a single number"),
+    "empty": (np.zeros((0, 28, 28)), "no images"),
+    "text": (np.array([["a"] * 784]), "pixels must be numbers"),
+    "ragged": ([[0] * 784, [0] * 3], "images of one shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_PIXELS))
+def test_pyfunc_refuses_what_is_not_pixels_saying_why(champion, case):
+    model = mlflow.pyfunc.load_model(champion["model_uri"])
+    bad, words = NOT_PIXELS[case]
+    with pytest.raises(ValueError, match="^images: ") as refused:
+        model.predict(bad)
+    assert words in str(refused.value)
+
+
 def test_registered_signature_names_label_and_probabilities(champion):
     info = mlflow.models.get_model_info(champion["model_uri"])
     outputs = [c["name"] for c in json.loads(info.signature.to_dict()["outputs"])]
     assert outputs == ["label", "probabilities"]
 
 
-def post(url: str, payload: dict):
+def post(url: str, payload: dict, status: int = 200):
+    """The JSON a POST of ``payload`` gets back, with HTTP ``status``."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            code, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        code, body = error.code, error.read().decode()
+    assert code == status, body[:2000]
+    return json.loads(body)  # strict: a NaN in the answer would not parse
 
 
 @pytest.mark.slow
@@ -103,6 +132,14 @@ def test_mlflow_models_serve_matches_pyfunc(champion, digits):
             served = np.array([p["probabilities"] for p in predictions])
             assert np.allclose(served, np.stack(expected["probabilities"].to_numpy()),
                                atol=1e-5)
+        # What is not pixels: HTTP 400 saying why, without a stack trace or a path.
+        for case, (bad, words) in NOT_PIXELS.items():
+            inputs = bad if isinstance(bad, list) else np.asarray(bad).tolist()
+            answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": inputs}, 400)
+            if case != "ragged":  # MLflow's JSON parser refuses that before the model sees it
+                assert words in answer["message"] and "images: " in answer["message"], case
+            assert "stack_trace" not in answer and str(PROJECT_DIR) not in json.dumps(answer)
+            assert "site-packages" not in json.dumps(answer), case
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -134,9 +171,47 @@ def test_predict_bad_inputs(champion, tmp_path):
     assert result.returncode != 0 and "error: images=" in result.stderr
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((2, 5, 5)))
-    result = run_step("predict", "--images", str(bad))
-    assert result.returncode != 0 and "(N, 28, 28)" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_clean_failure(run_step("predict", "--images", str(bad)), "images=", "(N, 28, 28)")
+
+
+def forged_npy(path, shape) -> None:
+    """An .npy whose header claims ``shape`` of float64 but holds 16 bytes of data."""
+    header = {"descr": "<f8", "fortran_order": False, "shape": shape}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 16)
+
+
+@pytest.mark.parametrize("case", [*sorted(NOT_PIXELS), "forged header", "objects",
+                                  "huge png", "big png"])
+def test_predict_refuses_what_is_not_pixels_in_one_line_naming_images(champion, tmp_path,
+                                                                      case):
+    from PIL import Image
+
+    path = tmp_path / "bad.npy"
+    if case == "forged header":  # 784 GB claimed by a 100-byte file
+        forged_npy(path, (1_000_000_000, 28, 28))
+        words = "header claims"
+    elif case == "objects":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        words = "Python objects"
+    elif case == "huge png":
+        path = tmp_path / "huge.png"
+        Image.new("L", (15000, 15000)).save(path)
+        words = "too large for a digit image"
+    elif case == "big png":  # under PIL's own limit, over a digit's
+        path = tmp_path / "big.png"
+        Image.new("L", (5000, 5000)).save(path)
+        words = "5000x5000 pixels, too large for a digit image"
+    else:
+        bad, words = NOT_PIXELS[case]
+        if isinstance(bad, list):
+            np.save(path, np.array(bad, dtype=object), allow_pickle=True)
+            words = "Python objects"
+        else:
+            np.save(path, bad)
+    line = assert_clean_failure(run_step("predict", "--images", str(path)), "images")
+    assert words in line and "Traceback" not in line
 
 
 OLD_LAYOUT_SCRIPT = """

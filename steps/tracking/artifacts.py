@@ -23,7 +23,8 @@ log = logging.getLogger("steps")
 # (steps/tracking/cache.py) hashes them with the code train runs.
 SERVING_MODULE = "steps.tracking.serving"
 NETWORK_MODULE = "steps.core.model"
-SHIPPED_MODULES = (SERVING_MODULE, NETWORK_MODULE)
+PIXELS_MODULE = "steps.core.pixels"
+SHIPPED_MODULES = (SERVING_MODULE, NETWORK_MODULE, PIXELS_MODULE)
 
 
 def module_file(name: str) -> str:
@@ -94,7 +95,8 @@ def log_models(network, arch: str, hidden, example_images, step: int = 0) -> str
 
 def log_classifier(network, arch: str, hidden, example, step: int = 0):
     """Log the served model: ``steps/tracking/serving.py`` (model from code) rebuilding ``network``
-    from its weights and ``steps/core/model.py``.
+    from its weights and ``steps/core/model.py``, checking its input with
+    ``steps/core/pixels.py``.
 
     Weights, not the pt2 program: loading a pt2 archive imports torch._dynamo (about 2 s),
     which every evaluation and every server start would pay.
@@ -120,7 +122,8 @@ def log_classifier(network, arch: str, hidden, example, step: int = 0):
         return mlflow.pyfunc.log_model(
             name="classifier", python_model=module_file(SERVING_MODULE),
             artifacts={"weights": str(weights), "architecture": str(architecture)},
-            code_paths=[module_file(NETWORK_MODULE)], signature=signature,
+            code_paths=[module_file(m) for m in (NETWORK_MODULE, PIXELS_MODULE)],
+            signature=signature,
             input_example=example,
             pip_requirements=model_requirements() + [f"pandas=={version('pandas')}"],
             step=step,
