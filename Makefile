@@ -17,6 +17,9 @@ export MLFLOW_TRACKING_URI := $(TRACKING)
 # MLflow's launcher prints run links with the tracking URI as given, password included;
 # the steps print their own, redacted ones.
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
+# MLflow's telemetry races its own HTTP client under load (docs/team-server.md): off for
+# the launcher too, as in every step (steps/tracking/cli.py).
+export MLFLOW_DISABLE_TELEMETRY ?= true
 run tune ui serve: export MLFLOW_EXPERIMENT_NAME := $(EXPERIMENT)
 
 .PHONY: setup run test test-fast lint ui serve bench tune clean conda-env screenshots
@@ -55,6 +58,7 @@ ui: setup  ## MLflow UI on the same store, opening on the experiment's training 
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT)
 
 serve: setup  ## REST server for the champion on 127.0.0.1:$(PORT)
+	$(BIN)/mnist-pipeline-preflight --model "$(MODEL)"
 	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 tune: setup  ## hyperparameter sweep; extra params: make tune ARGS='-P trials=10'

@@ -36,7 +36,7 @@ from steps.tracking.runs import (
     run_link,
     step_run,
 )
-from steps.tracking.store import check_tracking_server
+from steps.tracking.store import check_store
 
 log = logging.getLogger("steps.main")
 
@@ -72,7 +72,7 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
     absolutize_tracking_uri()
-    check_tracking_server()
+    check_store()
     with step_run("main", run_name=run_name(dataset, arch, epochs, learning_rate)) as run:
         describe_experiment(run.info.experiment_id)
         params = log_cli_params(data_dir=data_dir)

@@ -4,7 +4,10 @@ Reads:  ``--model-uri`` (default ``models:/mnist-classifier@champion``) and ``--
         PNG file, a folder of PNGs, or an ``.npy`` array of shape (N, 28, 28),
         (N, 1, 28, 28) or (N, 784) with pixels 0-255 (anything else, NaN and infinity
         included, is refused in one line naming ``images``).
-Writes: nothing to the tracking store; prints one line per image (label, confidence).
+Writes: prints one line per image (label, confidence). Run alone, nothing to the tracking
+        store. Under ``mlflow run . -e predict``, whose launcher makes a run for every entry
+        point, that run records the call: tags ``pipeline.step`` (``predict``) and
+        ``pipeline.model_uri``, metric ``predicted_images``, beside the launcher's params.
 
 PNGs are read as grayscale and resized to 28x28. MNIST digits are light on dark; an image
 whose background is light (mean above mid-grey) is inverted, as a drawing usually is.
@@ -123,7 +126,25 @@ def cli(model_uri: str, images: str) -> None:
     confidence = np.stack(output["probabilities"].to_numpy()).max(axis=1)
     for name, label, conf in zip(names, labels, confidence, strict=True):
         click.echo(f"{name}\t{label}\t{conf:.3f}")
+    record_in_launcher_run(model_uri, len(names))
     log.info("predict: %d images with %s", len(names), model_uri)
+
+
+def record_in_launcher_run(model_uri: str, count: int) -> None:
+    """Under ``mlflow run`` the launcher made a run before this process began: say in it
+    what it was (otherwise an anonymous empty run per call)."""
+    import os
+    import time
+
+    launcher_run = os.environ.get("MLFLOW_RUN_ID")
+    if not launcher_run:
+        return
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    mlflow.MlflowClient().log_batch(
+        launcher_run, metrics=[Metric("predicted_images", count, int(time.time() * 1000), 0)],
+        tags=[RunTag(tags.STEP, "predict"), RunTag(tags.MODEL_URI, model_uri)])
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from steps.tracking.runs import (
     run_link,
     step_run,
 )
-from steps.tracking.store import check_tracking_server
+from steps.tracking.store import check_store
 from steps.tracking.sweep import (
     MISSED_BEATS,
     TRIAL_RUN_ATTR,
@@ -82,7 +82,7 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
     import optuna
 
     absolutize_tracking_uri()
-    check_tracking_server()
+    check_store()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if study_name and not storage:
         raise StepError("study_name is only used with storage (a study in memory is not "

@@ -274,3 +274,16 @@ def test_concurrent_registrations_end_on_the_best_passing_version(registry):
     assert verdict(client, by_score[0.97]) == "passed"
     assert verdict(client, by_score[0.91]) == "rejected"  # under min_score whatever the race
     assert all(m["to_version"] != by_score[0.91] for m in alias_history(client, NAME))
+
+
+def test_forcing_the_holder_itself_demotes_nobody(registry):
+    """The target's own score, read at full precision, once seemed below its 6-decimal tag:
+    force=true on the champion said it had demoted the champion."""
+    client, add = registry
+    v1 = add(0.9)
+    settle_alias(client, NAME, "champion", RULE, v1)
+    unrounded = Candidate(v1.version, 0.9 - 4e-7, v1.digest, v1.model_uri)
+    decision = force_alias(client, NAME, "champion", RULE, unrounded)
+    assert "demoted" not in decision and "was already there" in decision
+    assert "demoted" not in client.get_model_version(NAME, "1").tags
+    assert holder(client) == 1

@@ -1,5 +1,6 @@
 """Faults with real processes and a real store: orphaned runs of killed processes, two
-pipelines on a fresh store, a tracking server lost mid-pipeline."""
+pipelines on a fresh store, a damaged sqlite store, a full disk, a tracking server
+restarted or lost mid-pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import time
 import mlflow
 import pytest
 
-from helpers.processes import VENV_BIN, assert_group_gone, copy_project, start, subprocess_env
+from helpers.processes import (
+    PROJECT_DIR,
+    VENV_BIN,
+    assert_clean_failure,
+    assert_group_gone,
+    copy_project,
+    run_step,
+    start,
+    subprocess_env,
+)
 from helpers.store import TrackingServer, temporary_store, wait_for_training
 from steps.download_data import cli as download_data
 from steps.tracking import tags
@@ -87,26 +97,151 @@ def test_two_pipelines_started_at_once_on_a_fresh_store_both_finish(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_server_lost_mid_pipeline_ends_main_within_a_minute(tmp_path, monkeypatch):
-    server = TrackingServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(server.url)
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_store_is_one_line_naming_it_before_any_step(tmp_path, damage):
+    """``make run`` on a store cut to half its size, or overwritten with random bytes: one
+    line naming the store and what to do, before MLflow's launcher or any step opens it."""
+    store = tmp_path / "mlflow.db"
+    with temporary_store(tmp_path):
+        run_cli(download_data, ["--dataset", "digits"])  # a store with a run in it
+    whole = store.read_bytes()
+    store.write_bytes(whole[:len(whole) // 2] if damage == "truncated" else os.urandom(len(whole)))
+    damaged = store.read_bytes()
+    uri = f"sqlite:///{store}"
+    project = copy_project(tmp_path / "project")
+    (project / ".venv").symlink_to(VENV_BIN.removesuffix("/bin"))
+    result = subprocess.run(["make", "-s", "-C", str(project), "run", "ARGS=-P dataset=digits"],
+                            env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True,
+                            text=True, timeout=120)
+    line = assert_clean_failure(result, uri, "is damaged", "backup", f"mv {store} ")
+    assert "mlflow.projects" not in result.stderr  # the launcher never started
+    # A step started without make says the same, and nothing touched the file.
+    assert assert_clean_failure(run_step("main", "--dataset", "digits",
+                                         MLFLOW_TRACKING_URI=uri), uri) == line
+    assert store.read_bytes() == damaged
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs at tmp_path/disk (root mounts one); ``grow()`` frees space by resizing
+    it. Skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
+
     try:
-        proc = subprocess.Popen([os.path.join(VENV_BIN, "mlflow"), "run", ".",
-                                 "--env-manager", "local", *PIPELINE],
-                                cwd=copy_project(tmp_path / "project"),
-                                env=subprocess_env(MLFLOW_TRACKING_URI=server.url),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        wait_for_training(proc=proc)
-        server.stop()
-        lost = time.monotonic()
-        _, stderr = proc.communicate(timeout=180)
-        assert time.monotonic() - lost < 60, stderr[-3000:]
-        assert proc.returncode != 0
-        assert_group_gone(proc.pid)
+        yield disk, grow
     finally:
-        server.stop()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_it_and_the_next_run_after_freeing_space_works(
+        small_disk):
+    """Store and artifacts on a 4 MB disk: the pipeline stops on the first write that does
+    not fit, saying where, with no traceback and no half-registered version; once there is
+    room, the same command finishes and no run is left RUNNING."""
+    disk, grow = small_disk
+    uri = f"sqlite:///{disk / 'mlflow.db'}"
+    command = [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
+               "local", "-P", "dataset=digits", "-P", "epochs=1"]
+    full = subprocess.run(command, cwd=disk, env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+                          capture_output=True, text=True, timeout=400)
+    assert full.returncode != 0
+    said = full.stdout + full.stderr
+    assert f"error: no space left on device: {disk}" in said, said[-3000:]
+    assert "Traceback" not in said, said[-5000:]
+    grow()
+    again = subprocess.run(command, cwd=disk, env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = mlflow.MlflowClient()
+        statuses = [r.info.status for r in client.search_runs(["0"], max_results=1000)]
+        assert "RUNNING" not in statuses
+        versions = client.search_model_versions("name = 'mnist-classifier'")
+        assert len(versions) == 1 and versions[0].tags["validation_status"] == "passed"
+        assert len(versions[0].tags["model_digest"]) == 64
+    finally:
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def on_server(tmp_path, monkeypatch):
+    """A real ``mlflow server`` (sqlite backend) that this process and its subprocesses use;
+    the factory starts it, again on the same port after a stop."""
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    servers: list[TrackingServer] = []
+    previous = mlflow.get_tracking_uri()
+
+    def start_server() -> TrackingServer:
+        servers.append(TrackingServer(backend, tmp_path,
+                                      port=servers[-1].port if servers else None))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", servers[-1].url)
+        mlflow.set_tracking_uri(servers[-1].url)
+        return servers[-1]
+
+    monkeypatch.chdir(tmp_path)
+    yield start_server
+    for server in servers:
+        server.stop()
+    mlflow.set_tracking_uri(previous)
+
+
+def pipeline_on(server: TrackingServer, tmp_path, *params: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([os.path.join(VENV_BIN, "mlflow"), "run", ".", "--env-manager",
+                             "local", *params], cwd=copy_project(tmp_path / "project"),
+                            env=subprocess_env(MLFLOW_TRACKING_URI=server.url, **env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_server_restarted_mid_training_is_ridden_out(tmp_path, on_server):
+    """The server stopped during train and started again (same store, same port), down for
+    as long as its start takes: every request in flight waits it out (the steps' retry
+    budget) and the pipeline finishes as if nothing happened."""
+    server = on_server()
+    proc = pipeline_on(server, tmp_path, "-P", "dataset=digits", "-P", "epochs=6",
+                       "-P", "batch_size=4")
+    wait_for_training(proc=proc)
+    server.stop()
+    down = time.monotonic()
+    on_server()  # about 10 s to start here, 20 s on a busy machine
+    outage = time.monotonic() - down
+    # The budget's last retry comes about 60 s after the first failure.
+    assert outage < 55, f"the server took {outage:.0f}s to come back: past the budget"
+    _, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "main: done." in stderr
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(["0"])
+    assert {r.data.tags.get(tags.STEP) for r in runs} == {
+        "main", "download_data", "train", "evaluate", "register"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    train = next(r for r in runs if r.data.tags.get(tags.STEP) == "train")
+    assert sorted(m.step for m in client.get_metric_history(train.info.run_id,
+                                                            "val_accuracy")) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_a_server_lost_mid_pipeline_ends_main_within_its_retry_budget(tmp_path, on_server):
+    """Gone for good: main ends non-zero with no process left. With the default budget each
+    request gives up after about a minute; a user's own (here two retries) wins."""
+    server = on_server()
+    proc = pipeline_on(server, tmp_path, *PIPELINE, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
+    wait_for_training(proc=proc)
+    server.stop()
+    lost = time.monotonic()
+    _, stderr = proc.communicate(timeout=180)
+    assert time.monotonic() - lost < 60, stderr[-3000:]
+    assert proc.returncode != 0
+    assert_group_gone(proc.pid)

@@ -1,6 +1,7 @@
-"""A team's set-up: the pipeline against a real ``mlflow server`` on 127.0.0.1 with proxied
-artifacts, first on sqlite, then on PostgreSQL with two pipelines racing for the alias.
-Also: a relative sqlite URI keeps every child run in the same store as ``main``."""
+"""A team's set-up under load: four pipelines started at once against a real ``mlflow
+server`` on 127.0.0.1 with proxied artifacts, on sqlite and on PostgreSQL, all finishing
+with the alias on the best version. Also: a relative sqlite URI keeps every child run in the
+same store as ``main``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers.processes import PROJECT_DIR, VENV_BIN, copy_project, mlflow_run, subprocess_env
+from helpers.processes import PROJECT_DIR, VENV_BIN, copy_project, subprocess_env
 from helpers.store import TrackingServer
 
 pytestmark = pytest.mark.slow
@@ -36,50 +37,69 @@ def pipeline_children(client, main_run_id: str) -> list:
     return client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{main_run_id}'")
 
 
-def test_pipeline_against_a_sqlite_server_with_proxied_artifacts(tmp_path, use_server):
+PIPELINES_AT_ONCE = 4
+
+
+def pipelines_at_once(server: TrackingServer, cwd: Path, *params: str) -> list[tuple]:
+    """``PIPELINES_AT_ONCE`` pipelines started together against ``server``, in the named
+    experiment (which none of them finds there: their launchers would race to create it),
+    each with its own seed; (exit code, stderr) of each."""
+    env = subprocess_env(MLFLOW_EXPERIMENT_NAME="mnist-pipeline")
+    cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
+           "local", "-P", "dataset=digits", "-P", "epochs=1", *params]
+    runs = [subprocess.Popen([*cmd, "-P", f"seed={seed}"], env=env, cwd=cwd,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for seed in range(1, PIPELINES_AT_ONCE + 1)]
+    return [(proc.wait(timeout=900), proc.stderr.read()) for proc in runs]
+
+
+def assert_all_finished_on_the_best(client, results: list[tuple]) -> list:
+    """Every pipeline finished, said so, and left only FINISHED runs; the alias is on the
+    best version; the main runs, in start order."""
+    for code, stderr in results:
+        assert code == 0 and "main: done." in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr and "already exists" not in stderr, stderr[-3000:]
+    experiment = client.get_experiment_by_name("mnist-pipeline")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    mains = [r for r in runs if r.data.tags.get("pipeline.step") == "main"]
+    assert len(mains) == PIPELINES_AT_ONCE
+    versions = client.search_model_versions("name = 'mnist-classifier'")
+    assert len(versions) == PIPELINES_AT_ONCE  # one per pipeline, none twice
+    passed = [v for v in versions if v.tags["validation_status"] == "passed"]
+    best = max(passed, key=lambda v: (float(v.tags["test_accuracy"]), -int(v.version)))
+    assert client.get_model_version_by_alias("mnist-classifier", "champion").version == \
+        best.version
+    return mains
+
+
+def test_pipelines_at_once_against_a_sqlite_server_with_proxied_artifacts(tmp_path,
+                                                                          use_server):
     server = TrackingServer(f"sqlite:///{tmp_path / 'server.db'}", tmp_path)
     try:
         client = use_server(server)
-        result = mlflow_run("-P", "dataset=digits", "-P", "epochs=1")
-        assert result.returncode == 0, result.stderr[-3000:]
-        main = client.search_runs(["0"], "tags.`pipeline.step` = 'main'")[0]
-        children = pipeline_children(client, main.info.run_id)
-        assert {c.data.tags["pipeline.step"] for c in children} == {
-            "download_data", "train", "evaluate", "register"}
+        results = pipelines_at_once(server, tmp_path / "work")
+        mains = assert_all_finished_on_the_best(client, results)
+        children = pipeline_children(client, mains[0].info.run_id)
+        assert {c.data.tags["pipeline.step"] for c in children} <= {
+            "download_data", "train", "evaluate", "register", "reused"}
         assert all(c.info.artifact_uri.startswith("mlflow-artifacts:") for c in children)
-        assert client.get_model_version_by_alias("mnist-classifier", "champion")
         # Nothing went to a local store: every byte went through the server.
         work = tmp_path / "work"
         assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()
         assert list((tmp_path / "artifacts").rglob("dataset.npz"))
-        assert f"{server.url}/#/experiments/0/runs/" in result.stderr
+        assert all(f"{server.url}/#/experiments/" in stderr for _, stderr in results)
     finally:
         server.stop()
 
 
-def test_two_pipelines_at_once_on_postgres_leave_the_alias_on_the_better(
+def test_pipelines_at_once_on_postgres_leave_the_alias_on_the_best(
         tmp_path, postgres, use_server):
     server = TrackingServer(postgres, tmp_path)
     try:
         client = use_server(server)
-        env = subprocess_env()
-        cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
-               "local", "-P", "dataset=digits", "-P", "epochs=1"]
-        # Same data, very different learning rates: one model is clearly better.
-        runs = [subprocess.Popen([*cmd, "-P", f"learning_rate={lr}"], env=env,
-                                 cwd=tmp_path / "work", stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-                for lr in ("0.001", "0.00001")]
-        for proc in runs:
-            _, stderr = proc.communicate(timeout=400)
-            assert proc.returncode == 0, stderr[-3000:]
-        versions = client.search_model_versions("name = 'mnist-classifier'")
-        assert sorted(int(v.version) for v in versions) == [1, 2]
-        assert versions[0].tags["model_uri"] != versions[1].tags["model_uri"]
-        best = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
-        champion = client.get_model_version_by_alias("mnist-classifier", "champion")
-        assert champion.version == best.version
-        assert len(client.search_runs(["0"], "tags.`pipeline.step` = 'main'")) == 2
+        results = pipelines_at_once(server, tmp_path / "work", "-P", "learning_rate=0.0003")
+        assert_all_finished_on_the_best(client, results)
     finally:
         server.stop()
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -21,6 +22,7 @@ from helpers.processes import (
     VENV_BIN,
     assert_clean_failure,
     free_port,
+    mlflow_run,
     run_step,
     subprocess_env,
     wait_for_http,
@@ -166,6 +168,55 @@ def test_predict_prints_labels_for_pngs_and_npy(champion, digits, tmp_path):
     assert (np.array(png_labels) == expected.to_numpy()).mean() >= 0.8
 
 
+@pytest.mark.slow
+def test_predict_under_mlflow_run_says_in_its_run_what_it_did(champion, digits, tmp_path):
+    np.save(tmp_path / "digits.npy", digits[0][:3])
+    result = mlflow_run("-e", "predict", "-P", f"images={tmp_path / 'digits.npy'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 3
+    (run,) = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'predict'")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["predicted_images"] == 3
+    assert run.data.tags["pipeline.model_uri"] == champion["model_uri"]
+
+
+@pytest.mark.slow
+def test_a_model_edited_behind_our_back_is_loaded_by_no_step(champion, digits, tmp_path):
+    """Code added to the registered classifier's ``code/model.py`` in the artifact store:
+    predict, evaluate and ``make serve``'s check each refuse it in one line naming the
+    version; nothing of the added code runs."""
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("mnist-classifier", "champion")
+    assert len(version.tags["model_digest"]) == 64
+    folder = client.get_logged_model(version.model_id).artifact_location.removeprefix("file://")
+    code = Path(folder) / "code" / "model.py"
+    original = code.read_text()
+    marker = tmp_path / "the-added-code-ran"
+    np.save(tmp_path / "digits.npy", digits[0][:2])
+    code.write_text(original + f"\nopen({str(marker)!r}, 'w').close()\n")
+    try:
+        named = f"mnist-classifier v{version.version}"
+        for result in (run_step("predict", "--images", str(tmp_path / "digits.npy")),
+                       run_step("evaluate", "--model-uri", f"models:/mnist-classifier/"
+                                f"{version.version}"),
+                       subprocess.run([os.path.join(VENV_BIN, "mnist-pipeline-preflight"),
+                                       "--model", champion["model_uri"]], capture_output=True,
+                                      text=True, env=subprocess_env(), timeout=120)):
+            assert_clean_failure(result, named, "has changed since it was recorded")
+        assert not marker.exists()
+    finally:
+        code.write_text(original)
+    assert run_step("predict", "--images", str(tmp_path / "digits.npy")).returncode == 0
+
+
+def test_make_serve_without_a_champion_is_one_line(tracking_uri):
+    result = subprocess.run(["make", "-s", "-C", str(PROJECT_DIR), "serve",
+                             f"PORT={free_port()}"], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert_clean_failure(result, "MODEL=models:/mnist-classifier@champion cannot be served",
+                         "make run")
+
+
 def test_predict_bad_inputs(champion, tmp_path):
     result = run_step("predict", "--images", str(tmp_path / "missing.png"))
     assert result.returncode != 0 and "error: images=" in result.stderr
@@ -185,21 +236,25 @@ def forged_npy(path, shape) -> None:
 @pytest.mark.parametrize("case", [*sorted(NOT_PIXELS), "forged header", "objects",
                                   "huge png", "big png"])
 def test_predict_refuses_what_is_not_pixels_in_one_line_naming_images(champion, tmp_path,
-                                                                      case):
+                                                                      capsys, case):
+    """In-process, through the ``run_cli`` wrapper ``python -m steps.predict`` runs
+    (``test_predict_bad_inputs`` goes through a real process)."""
     from PIL import Image
 
+    from steps.predict import cli as predict
+
     path = tmp_path / "bad.npy"
-    if case == "forged header":  # 784 GB claimed by a 100-byte file
+    if case == "forged header":  # 6 TB claimed by a 100-byte file
         forged_npy(path, (1_000_000_000, 28, 28))
         words = "header claims"
     elif case == "objects":
         np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
         words = "Python objects"
-    elif case == "huge png":
+    elif case == "huge png":  # over PIL's own limit: it will not even open it
         path = tmp_path / "huge.png"
         Image.new("L", (15000, 15000)).save(path)
         words = "too large for a digit image"
-    elif case == "big png":  # under PIL's own limit, over a digit's
+    elif case == "big png":  # under PIL's limit, over a digit's
         path = tmp_path / "big.png"
         Image.new("L", (5000, 5000)).save(path)
         words = "5000x5000 pixels, too large for a digit image"
@@ -210,8 +265,13 @@ def test_predict_refuses_what_is_not_pixels_in_one_line_naming_images(champion, 
             words = "Python objects"
         else:
             np.save(path, bad)
-    line = assert_clean_failure(run_step("predict", "--images", str(path)), "images")
-    assert words in line and "Traceback" not in line
+    with pytest.raises(SystemExit) as exited:
+        run_cli(predict, ["--images", str(path)])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: images") and words in errors[0], errors[0]
 
 
 OLD_LAYOUT_SCRIPT = """

@@ -49,7 +49,8 @@ def to_images(model_input) -> np.ndarray:
     elif array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 3 or array.shape[1:] != (28, 28):
-        raise ValueError(f"images must have shape {LAYOUTS}; got {array.shape}")
+        raise ValueError(f"each image must be 28x28 pixels, a batch shaped {LAYOUTS}; "
+                         f"got shape {array.shape}")
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:

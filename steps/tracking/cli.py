@@ -20,7 +20,9 @@ from steps.tracking.redact import RedactingFilter, redact
 log = logging.getLogger("steps")
 
 DEBUG_ENV = "PIPELINE_DEBUG"
-RETRY_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+# Five retries, 4, 8, 16 and 32 s apart: a tracking server that restarts within 30 s is
+# ridden out; one that is gone fails each request in about a minute, not MLflow's many.
+RETRY_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
@@ -49,11 +51,16 @@ def setup_logging() -> None:
     # MLflow prints "View run ... at: <tracking URI>" itself, password included when the
     # URI carries one; every step prints its own, redacted link instead.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # A bounded retry budget: MLflow's defaults (7 retries, backoff factor 2, 120 s
-    # timeouts) keep a step waiting minutes on a lost server. These give up in about 20 s;
-    # children inherit them. A user's own settings win.
+    # A bounded retry budget (RETRY_BUDGET): MLflow's defaults (7 retries, backoff factor 2,
+    # 120 s timeouts) keep a step waiting many minutes on a lost server. Children inherit
+    # them. A user's own settings win.
     for name, value in RETRY_BUDGET.items():
         os.environ.setdefault(name, value)
+    # MLflow 3.17's telemetry client sets and unsets an environment variable from a
+    # background thread while the HTTP client reads the environment for proxies: under load
+    # a request fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. Off in our processes
+    # (set it to false to send MLflow its usage data).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # train's system metrics: MLflow samples every 10 s and drops the sample in progress at
     # the end, so a smoke run of a few seconds would record none.
     os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "2")
@@ -101,13 +108,19 @@ def run_cli(command: click.Command, args: list[str] | None = None,
         _close_active_run("FAILED")
         code = _fail(str(exc), 1)
     except Exception as exc:  # anything else is still reported in one line
+        full = disk_full(exc)
         _close_active_run("FAILED")
         if os.environ.get(DEBUG_ENV):  # the traceback, asked for, still without secrets
             import traceback
 
             click.echo(redact(traceback.format_exc()), err=True, nl=False)
-        code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
-                     f"(set {DEBUG_ENV}=1 for the traceback)", 1)
+        if full is not None:
+            code = _fail(f"no space left on device: {full}; free some space there and run "
+                         "again (a run this one could not close is marked KILLED by the next "
+                         "start)", 1)
+        else:
+            code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
+                         f"(set {DEBUG_ENV}=1 for the traceback)", 1)
     # Exiting already, with the run closed: a late signal (a launcher stopping the rest of
     # a job) must not turn the exit handlers into a traceback.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +133,36 @@ def run_cli(command: click.Command, args: list[str] | None = None,
         os._exit(code)
     if code:
         sys.exit(code)
+
+
+def disk_full(error: BaseException) -> str | None:
+    """Where the disk ran full, when ``error`` (or an error it was raised from: MLflow wraps
+    SQLAlchemy, which wraps sqlite3) is a full disk; None for any other error. The place is
+    the file the OS named, else the sqlite store, else the active run's artifacts."""
+    import errno
+
+    seen, full, database = set(), False, False
+    while error is not None and id(error) not in seen and not full:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            if error.filename:
+                return str(error.filename)
+            full = True
+        text = str(error)
+        database = "database or disk is full" in text
+        full = full or database or "No space left on device" in text
+        error = error.__cause__ or error.__context__ or getattr(error, "orig", None)
+    if not full:
+        return None
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if database and uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):]
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            return mlflow.get_artifact_uri().removeprefix("file://")
+    return redact(uri) or "the tracking store's disk"
 
 
 def _click_message(exc: click.ClickException) -> str:

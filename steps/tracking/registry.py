@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 from steps.core.choices import LOWER_IS_BETTER
 from steps.tracking import tags
-from steps.tracking.artifacts import output_missing
+from steps.tracking.artifacts import output_missing, verified_model_files
 from steps.tracking.cli import StepError
 from steps.tracking.runs import latest_finished_run, quote
 
@@ -262,7 +262,8 @@ def force_alias(client, name: str, alias: str, rule: PromotionRule, target: Cand
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     demoted = []
     for other in candidates(client, name, metric).values():
-        if other.digest == target.digest and _rank(other, metric) > _rank(target, metric):
+        if other.version != target.version and other.digest == target.digest and \
+                _rank(other, metric) > _rank(target, metric):
             client.set_model_version_tag(
                 name, str(other.version), tags.VERSION_DEMOTED,
                 f"outranked v{target.version}, which {alias} was forced onto at {stamp} by "
@@ -417,7 +418,8 @@ def find_evaluation(client, experiment_id: str, model_uri: str):
 def register_version(client, name: str, model_uri: str, evaluation,
                      validation: tuple[str, str] = ("", "")):
     """The version holding ``model_uri``: the existing one, or a new one fully tagged,
-    ``validation`` (status and reason, from :meth:`PromotionRule.judge`) included."""
+    ``validation`` (status and reason, from :meth:`PromotionRule.judge`) and the digest of
+    its files (checked against the one train recorded) included."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -438,8 +440,10 @@ def register_version(client, name: str, model_uri: str, evaluation,
                      model_uri, name, existing.version)
             return existing
     run_tags, metrics = evaluation.data.tags, evaluation.data.metrics
+    _, digest = verified_model_files(model_uri)  # what train logged, unchanged since
     version_tags = {
         tags.VERSION_MODEL_URI: model_uri,
+        tags.VERSION_MODEL_DIGEST: digest,
         tags.VERSION_DATA_DIGEST: run_tags[tags.DATA_DIGEST],
         tags.VERSION_DATASET: run_tags.get(tags.DATASET, ""),
         tags.VERSION_TRAIN_RUN: run_tags.get(tags.TRAIN_RUN, ""),

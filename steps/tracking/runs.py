@@ -74,7 +74,10 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
     except BaseException as exc:
         if isinstance(exc, StepError):  # not an unreachable store: that costs a retry budget
             _note_ending(first_line(exc))
-        mlflow.end_run("FAILED")
+        # A store that cannot take this (a full disk, a lost server) must not hide the error
+        # that ended the step: the run is then closed KILLED by the next start.
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
 

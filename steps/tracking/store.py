@@ -1,5 +1,6 @@
 """A quick look at the tracking store before any work: a server reachable and taking our
-login; a new sqlite store created by one process at a time.
+login; a sqlite file that is a whole database; a new sqlite store created by one process
+at a time.
 
 MLflow's client retries an unreachable server for minutes and reports a refused login as a
 traceback; this asks once, with a short timeout, and says what is wrong in one line (the
@@ -53,6 +54,36 @@ def check_tracking_server(uri: str | None = None) -> None:
                         f"{response.status_code} to a plain request; is it an MLflow server?")
 
 
+def check_sqlite_store(uri: str) -> None:
+    """Raise StepError (one line naming the store and what to do) when a sqlite store's file
+    is there but is no whole database: truncated, overwritten, not SQLite at all. MLflow
+    would fail on it with a page of SQLAlchemy traceback, in whichever step came first.
+
+    SQLite's own ``PRAGMA quick_check``, on a read-only connection: it reads every page once
+    (a fraction of a second for a store of tens of MB) and writes nothing.
+    """
+    import sqlite3
+    from pathlib import Path
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if not path.is_file() or not path.stat().st_size:
+        return  # none yet: prepare_store creates it
+    try:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+            verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if verdict == "ok":
+                db.execute("SELECT count(*) FROM experiments").fetchone()
+                return
+            problem = f"SQLite's check says: {verdict}"
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "... malformed", ...
+        problem = f"SQLite says: {exc}"
+    raise StepError(
+        f"the tracking store {redact(uri)} is damaged ({problem}); restore {path} from a "
+        f"backup, or move it aside (mv {path} {path}.damaged) to start a new, empty store")
+
+
 def prepare_store(uri: str) -> None:
     """Create a sqlite store's tables under a file lock, if the file is new.
 
@@ -81,9 +112,46 @@ def prepare_store(uri: str) -> None:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
-def prepare(uri: str | None = None) -> None:
-    """Both checks for the store ``uri`` names (default: MLFLOW_TRACKING_URI): a server is
-    reachable and takes the login, a new sqlite store gets its tables."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
+def check_store(uri: str | None = None) -> None:
+    """The store ``uri`` names (default: the active tracking URI) can be worked with: a
+    server answers and takes the login; a sqlite file is a whole database."""
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
     check_tracking_server(uri)
+    check_sqlite_store(uri)
+
+
+def ensure_experiment(uri: str | None = None) -> None:
+    """Create the experiment ``MLFLOW_EXPERIMENT_NAME`` names, if it is not there yet.
+
+    ``mlflow run`` looks the experiment up and creates it when missing; launchers started
+    together race, and the loser dies with a page of traceback on RESOURCE_ALREADY_EXISTS.
+    Created here first, before any launcher asks, a race between two of these is absorbed:
+    the experiment being there is all that was wanted.
+    """
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if not name:
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is not None:
+        return
+    try:
+        client.create_experiment(name)
+    except MlflowException:
+        if client.get_experiment_by_name(name) is None:
+            raise
+
+
+def prepare(uri: str | None = None) -> None:
+    """Every check for the store ``uri`` names (default: MLFLOW_TRACKING_URI), then a new
+    sqlite store gets its tables and the experiment ``MLFLOW_EXPERIMENT_NAME`` names is
+    created."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
+    check_store(uri)
     prepare_store(uri)
+    ensure_experiment(uri or None)

@@ -11,6 +11,8 @@ DATA_URI = "pipeline.data_uri"
 DATA_DIGEST = "pipeline.data_digest"
 MODEL_URI = "pipeline.model_uri"  # the classifier: what is evaluated, registered and served
 NETWORK_URI = "pipeline.network_uri"  # the bare pt2 network
+# On a logged classifier (a logged-model tag): the sha256 of its files, set by train.
+MODEL_DIGEST = "pipeline.model_digest"
 TRAIN_RUN = "pipeline.train_run_id"
 RESOLVED_DEVICE = "pipeline.resolved_device"
 REGISTERED_VERSION = "pipeline.registered_version"
@@ -50,6 +52,8 @@ VERSION_EVALUATE_RUN = "evaluate_run_id"
 # Set on versions that outranked the target of a forced alias move (a rollback): they no
 # longer compete for the alias until a forced move names them again.
 VERSION_DEMOTED = "demoted"
+# The sha256 of the version's model files when it was registered; every loader checks it.
+VERSION_MODEL_DIGEST = "model_digest"
 # Set on every version register creates: whether it passed the promotion rule
 # (min_delta, min_score) when it was registered, and why (steps/tracking/registry.py).
 VERSION_VALIDATION = "validation_status"

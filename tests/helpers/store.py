@@ -89,10 +89,11 @@ def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
 
 
 class TrackingServer:
-    """``mlflow server`` with artifacts proxied into ``root/artifacts``."""
+    """``mlflow server`` with artifacts proxied into ``root/artifacts`` (on ``port``: a free
+    one, or a stopped server's, to start it again)."""
 
-    def __init__(self, backend_uri: str, root: Path) -> None:
-        self.port = free_port()
+    def __init__(self, backend_uri: str, root: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
         with open(self.log, "w") as log:

@@ -8,9 +8,13 @@ the launcher process only, checks the server once with the project's own check
 It adds no header; when the tracking URI carries a password it also stops MLflow from
 printing run links that show it.
 
+It also creates the experiment ``MLFLOW_EXPERIMENT_NAME`` names before the launcher looks it
+up: launchers started together would otherwise race to create it.
+
 The same package gives ``make run`` and ``make tune`` their check before they start the
-launcher: the command ``mnist-pipeline-preflight`` (``main`` below) also creates a new sqlite
-store's tables under a lock, which no request-header hook can do (sqlite sends no request).
+launcher: the command ``mnist-pipeline-preflight`` (``main`` below) also checks that a
+sqlite store is a whole database and creates a new one's tables under a lock, which no
+request-header hook can do (sqlite sends no request).
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ def _import_project() -> bool:
 
 
 def main() -> None:
-    """``mnist-pipeline-preflight``: check the store MLFLOW_TRACKING_URI names (a server) or
-    create it (sqlite); exit 0, or one error line and exit 1."""
+    """``mnist-pipeline-preflight [--model URI]``: check the store MLFLOW_TRACKING_URI names
+    (a server that answers, a sqlite file that is whole) or create it (sqlite); with
+    ``--model``, check that the model can be served (``make serve``). Exit 0, or one error
+    line and exit 1."""
     if not _import_project():
         raise SystemExit("error: mnist-pipeline-preflight runs from the mnist-pipeline "
                          "project folder")
@@ -53,8 +59,13 @@ def main() -> None:
     from steps.tracking.store import prepare
 
     @click.command()
-    def cli() -> None:
+    @click.option("--model", default="", help="A model URI that must be loadable.")
+    def cli(model: str) -> None:
         prepare()
+        if model:
+            from steps.tracking.artifacts import check_servable
+
+            check_servable(model)
 
     run_cli(cli)
 
@@ -78,7 +89,7 @@ class Preflight(RequestHeaderProvider):
 
         from steps.tracking.cli import StepError, _fail
         from steps.tracking.redact import redact
-        from steps.tracking.store import check_tracking_server
+        from steps.tracking.store import check_tracking_server, ensure_experiment
 
         uri = mlflow.get_tracking_uri()
         if redact(uri) != uri:
@@ -86,6 +97,9 @@ class Preflight(RequestHeaderProvider):
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         try:
             check_tracking_server(uri)
+            # Before the launcher's own lookup: launchers started together would race to
+            # create it (this request's header is asked for again: `checked` answers).
+            ensure_experiment(uri)
         except StepError as exc:
             # SystemExit, not an Exception: MLflow's registry logs and skips the latter.
             raise SystemExit(_fail(str(exc), 1)) from None
