@@ -188,7 +188,8 @@ def test_a_model_edited_behind_our_back_is_loaded_by_no_step(champion, digits, t
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("mnist-classifier", "champion")
     assert len(version.tags["model_digest"]) == 64
-    folder = client.get_logged_model(version.model_id).artifact_location.removeprefix("file://")
+    model_id = version.tags["model_uri"].removeprefix("models:/")
+    folder = client.get_logged_model(model_id).artifact_location.removeprefix("file://")
     code = Path(folder) / "code" / "model.py"
     original = code.read_text()
     marker = tmp_path / "the-added-code-ran"

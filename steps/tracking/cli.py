@@ -115,9 +115,7 @@ def run_cli(command: click.Command, args: list[str] | None = None,
 
             click.echo(redact(traceback.format_exc()), err=True, nl=False)
         if full is not None:
-            code = _fail(f"no space left on device: {full}; free some space there and run "
-                         "again (a run this one could not close is marked KILLED by the next "
-                         "start)", 1)
+            code = _fail(no_space(full), 1)
         else:
             code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
                          f"(set {DEBUG_ENV}=1 for the traceback)", 1)
@@ -135,34 +133,35 @@ def run_cli(command: click.Command, args: list[str] | None = None,
         sys.exit(code)
 
 
-def disk_full(error: BaseException) -> str | None:
+def disk_full(error: BaseException, artifacts: str = "") -> str | None:
     """Where the disk ran full, when ``error`` (or an error it was raised from: MLflow wraps
     SQLAlchemy, which wraps sqlite3) is a full disk; None for any other error. The place is
-    the file the OS named, else the sqlite store, else the active run's artifacts."""
+    the file the OS named, else the sqlite store when the database said so, else the run's
+    ``artifacts`` folder, else the store."""
     import errno
 
     seen, full, database = set(), False, False
-    while error is not None and id(error) not in seen and not full:
+    while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            if error.filename:
-                return str(error.filename)
-            full = True
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC and error.filename:
+            return str(error.filename)
         text = str(error)
-        database = "database or disk is full" in text
-        full = full or database or "No space left on device" in text
+        database = database or "database or disk is full" in text
+        full = full or database or "No space left on device" in text or (
+            isinstance(error, OSError) and error.errno == errno.ENOSPC)
         error = error.__cause__ or error.__context__ or getattr(error, "orig", None)
     if not full:
         return None
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if database and uri.startswith("sqlite:///"):
-        return uri[len("sqlite:///"):]
-    with contextlib.suppress(Exception):
-        import mlflow
+    store = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else redact(uri)
+    if database:
+        return store
+    return artifacts.removeprefix("file://") or store or "the tracking store's disk"
 
-        if mlflow.active_run() is not None:
-            return mlflow.get_artifact_uri().removeprefix("file://")
-    return redact(uri) or "the tracking store's disk"
+
+def no_space(where: str) -> str:
+    return (f"no space left on device: {where}; free some space there and run again (a run "
+            "that could not be closed is marked KILLED by the next start)")
 
 
 def _click_message(exc: click.ClickException) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from steps.tracking import tags
-from steps.tracking.cli import StepError, first_line
+from steps.tracking.cli import StepError, disk_full, first_line, no_space
 from steps.tracking.redact import redact
 
 log = logging.getLogger("steps")
@@ -74,10 +74,13 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
     except BaseException as exc:
         if isinstance(exc, StepError):  # not an unreachable store: that costs a retry budget
             _note_ending(first_line(exc))
+        full = disk_full(exc, run.info.artifact_uri) if isinstance(exc, Exception) else None
         # A store that cannot take this (a full disk, a lost server) must not hide the error
         # that ended the step: the run is then closed KILLED by the next start.
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")
+        if full is not None and not isinstance(exc, StepError):
+            raise StepError(no_space(full)) from exc
         raise
     mlflow.end_run("FINISHED")
 
