@@ -263,3 +263,26 @@ def test_a_server_lost_mid_pipeline_ends_main_within_its_retry_budget(tmp_path, 
     assert time.monotonic() - lost < 60, stderr[-3000:]
     assert proc.returncode != 0
     assert_group_gone(proc.pid)
+
+
+def test_an_experiment_another_launcher_created_meanwhile_is_taken_as_created(tracking_uri,
+                                                                              monkeypatch):
+    """``mlflow run`` checks for the experiment, then creates it: a launcher started at the
+    same moment can create it in between (a window of milliseconds; seen with eight
+    pipelines). The preflight's creation takes the other's as success."""
+    from steps.tracking.store import ensure_experiment
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mnist-pipeline")
+    mlflow.MlflowClient().create_experiment("mnist-pipeline")  # the other launcher's
+    real, calls = mlflow.MlflowClient.get_experiment_by_name, []
+
+    def not_yet_on_the_first_look(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else real(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name",
+                        not_yet_on_the_first_look)
+    ensure_experiment(tracking_uri)
+    assert len(calls) == 2  # looked, lost the race to create it, looked again
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    ensure_experiment(tracking_uri)  # no name: nothing to do

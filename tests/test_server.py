@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from helpers.data import write_idx_folder
-from helpers.processes import PROJECT_DIR, VENV_BIN, copy_project, run_step, subprocess_env
+from helpers.processes import PROJECT_DIR, VENV_BIN, copy_project, subprocess_env
 from helpers.store import TrackingServer
 
 pytestmark = pytest.mark.slow
@@ -46,13 +46,9 @@ def pipelines_at_once(server: TrackingServer, cwd: Path, *params: str) -> list[t
     """``PIPELINES_AT_ONCE`` pipelines started together against ``server``, in the named
     experiment (which none of them finds there: their launchers would race to create it),
     each with its own seed, all on one dataset (``data_dir``: a folder of IDX files);
-    (exit code, stderr) of each. The dataset is fetched once first, as a team shares one:
-    every pipeline's step cache reuses it."""
+    (exit code, stderr) of each."""
     env = subprocess_env(MLFLOW_EXPERIMENT_NAME="mnist-pipeline")
     data = write_idx_folder(cwd / "idx", n_train=1000, n_test=200)
-    fetched = run_step("download_data", "--data-dir", str(data),
-                       MLFLOW_EXPERIMENT_NAME="mnist-pipeline")
-    assert fetched.returncode == 0, fetched.stderr[-3000:]
     cmd = [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "--env-manager",
            "local", "-P", f"data_dir={data}", "-P", "epochs=1", *params]
     runs = [subprocess.Popen([*cmd, "-P", f"seed={seed}"], env=env, cwd=cwd,
