@@ -1,5 +1,5 @@
-"""Fixtures only: a throw-away sqlite tracking store, a tiny IDX dataset, a PostgreSQL
-cluster, and each xdist worker's share of the cores. What tests share besides fixtures
+"""Fixtures only: a throw-away sqlite tracking store, a tiny IDX dataset, a registered
+champion, a PostgreSQL cluster, and each xdist worker's share of the cores. What tests share besides fixtures
 lives in ``tests/helpers/``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers.data import write_idx_folder
-from helpers.store import postgres_bin, postgres_cluster
+from helpers.store import postgres_bin, postgres_cluster, temporary_store
 
 
 @pytest.fixture
@@ -30,6 +30,21 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def idx_folder(tmp_path) -> Path:
     return write_idx_folder(tmp_path / "idx")
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """A store with one trained, evaluated and registered digits model (in-process, fast)."""
+    import importlib
+
+    from steps.tracking.cli import run_cli
+
+    root = tmp_path_factory.mktemp("champion")
+    with temporary_store(root) as uri:
+        for step, args in (("download_data", ["--dataset", "digits"]),
+                           ("train", ["--epochs", "2"]), ("evaluate", []), ("register", [])):
+            run_cli(importlib.import_module(f"steps.{step}").cli, args)
+        yield {"root": root, "uri": uri, "model_uri": "models:/mnist-classifier@champion"}
 
 
 @pytest.fixture

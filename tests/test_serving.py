@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -27,20 +26,8 @@ from helpers.processes import (
     subprocess_env,
     wait_for_http,
 )
-from helpers.store import temporary_store
 from steps.core.data import load_digits_dataset
 from steps.tracking.cli import run_cli
-
-
-@pytest.fixture(scope="module")
-def champion(tmp_path_factory):
-    """A store with one trained, evaluated and registered digits model (in-process, fast)."""
-    root = tmp_path_factory.mktemp("serving")
-    with temporary_store(root) as uri:
-        for step, args in (("download_data", ["--dataset", "digits"]),
-                           ("train", ["--epochs", "2"]), ("evaluate", []), ("register", [])):
-            run_cli(importlib.import_module(f"steps.{step}").cli, args)
-        yield {"root": root, "uri": uri, "model_uri": "models:/mnist-classifier@champion"}
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +320,46 @@ def test_a_classifier_logged_by_the_old_layout_still_loads_and_serves(tracking_u
     response = client.post("/invocations", json={"inputs": images.tolist()})
     assert response.status_code == 200, response.text
     assert [p["label"] for p in response.json()["predictions"]] == expected.tolist()
+
+
+def test_mlflow_evaluate_takes_the_classifiers_labels_as_its_predictions(champion, digits):
+    """MLflow's classifier evaluator reads one column of labels; the classifier answers two
+    (label, probabilities). The documented route: the label column as `predictions=`."""
+    images, labels = digits
+    model = mlflow.pyfunc.load_model(champion["model_uri"])
+    table = pd.DataFrame({"pixels": list(images.reshape(len(images), 784)), "target": labels})
+    table["prediction"] = model.predict(table[["pixels"]])["label"]  # a DataFrame of arrays
+    with mlflow.start_run():
+        result = mlflow.models.evaluate(data=table[["target", "prediction"]],
+                                        targets="target", predictions="prediction",
+                                        model_type="classifier")
+    expected = (model.predict(images)["label"].to_numpy() == labels).mean()
+    assert result.metrics["accuracy_score"] == pytest.approx(expected)
+    assert "confusion_matrix" in result.artifacts
+
+
+def documented_python(page: str, heading: str) -> str:
+    """The first ```python block under ``heading`` in docs/``page``."""
+    text = (PROJECT_DIR / "docs" / page).read_text()
+    section = text[text.index(heading):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_documented_onnx_export_answers_like_pyfunc(champion, digits, tmp_path,
+                                                        monkeypatch):
+    import onnxruntime
+
+    monkeypatch.chdir(tmp_path)
+    exec(documented_python("serving.md", "## Export: ONNX and a plain state_dict"), {})
+    images, _ = digits
+    session = onnxruntime.InferenceSession("mnist.onnx")
+    probabilities = session.run(None, {"images": images.astype(np.float32)})[0]
+    expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images)
+    assert probabilities.argmax(1).tolist() == expected["label"].tolist()
+    assert np.allclose(probabilities, np.stack(expected["probabilities"].to_numpy()), atol=1e-5)
+    # and the plain state_dict loads into a fresh network of the same architecture
+    import torch
+
+    state = torch.load("mnist-network.pt", weights_only=True)
+    assert set(state) and all(isinstance(v, torch.Tensor) for v in state.values())

@@ -262,3 +262,23 @@ def importance_figure(importances: dict[str, float]) -> Figure:
            title="Hyperparameter importance")
     ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+def top_probability_figure(histogram: list[int], labels: dict[int, int]) -> Figure:
+    """Scored images: how sure the model was (its top probability, in equal bins over 0-1)
+    and how many it gave each label."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    sure_ax, label_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+    width = 1 / len(histogram)
+    sure_ax.bar(np.arange(len(histogram)) * width, histogram, width=width, align="edge",
+                color="tab:blue", edgecolor="white")
+    sure_ax.set(xlim=(0, 1), xlabel="top probability", ylabel="images",
+                title=f"How sure: top probability of {sum(histogram)} scored images")
+    if max(histogram, default=0) > 0:
+        sure_ax.set_yscale("symlog", linthresh=1)
+    classes = sorted(labels)
+    label_ax.bar([str(c) for c in classes], [labels[c] for c in classes], color="tab:green")
+    label_ax.set(xlabel="predicted label", ylabel="images", title="Predicted labels")
+    for ax in (sure_ax, label_ax):
+        ax.grid(axis="y", alpha=0.3)
+    return fig

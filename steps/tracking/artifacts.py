@@ -194,6 +194,28 @@ MODEL_URI_RE = re.compile(r"^models:/(?:(?P<model_id>m-[0-9a-f]+)|(?P<name>[^/@]
                           r"(?:/(?P<version>\d+)|@(?P<alias>.+)))$")
 
 
+def resolve_version(client, model_uri: str) -> tuple[str, str]:
+    """(a URI that names one fixed model, what to call its version): an alias is resolved
+    to ``models:/<name>/<version>`` once, so that a job scoring for minutes uses one
+    version even if the alias moves meanwhile; the version is the registered number, or
+    the logged model's id for an unregistered model. StepError naming ``model_uri``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    found = MODEL_URI_RE.match(model_uri)
+    try:
+        if found and found["name"]:
+            version = (client.get_model_version_by_alias(found["name"], found["alias"])
+                       if found["alias"] else client.get_model_version(found["name"],
+                                                                       found["version"]))
+            return f"models:/{version.name}/{version.version}", str(version.version)
+        info = mlflow.models.get_model_info(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise StepError(f"model_uri={model_uri!r} cannot be loaded ({first_line(exc)}); run "
+                        "the pipeline first or pass a models:/ or runs:/ URI") from None
+    return model_uri, info.model_id or model_uri
+
+
 def recorded_digest(client, model_uri: str) -> tuple[str, str]:
     """(the digest recorded for the model ``model_uri`` names, what to call that model):
     a registered version's ``model_digest`` tag, else the logged model's; ('', ...) for a
@@ -255,11 +277,16 @@ def load_pyfunc(model_uri: str):
     import mlflow
 
     local, _ = verified_model_files(model_uri)
+    warn_of_other_requirements(local, model_uri)
+    return mlflow.pyfunc.load_model(str(local), suppress_warnings=True)
+
+
+def warn_of_other_requirements(local: Path, model_uri: str) -> None:
+    """One warning line when the model at ``local`` pins other packages than installed."""
     mismatches = requirement_mismatches(os.path.join(local, "requirements.txt"))
     if mismatches:
         log.warning("warning: %s was logged with other packages than installed here: %s",
                     model_uri, "; ".join(mismatches))
-    return mlflow.pyfunc.load_model(str(local), suppress_warnings=True)
 
 
 def read_requirements(path: str | os.PathLike) -> list:

@@ -11,6 +11,8 @@ DATA_URI = "pipeline.data_uri"
 DATA_DIGEST = "pipeline.data_digest"
 MODEL_URI = "pipeline.model_uri"  # the classifier: what is evaluated, registered and served
 NETWORK_URI = "pipeline.network_uri"  # the bare pt2 network
+MODEL_VERSION = "pipeline.model_version"  # score: the version every image was scored with
+OUTPUT = "pipeline.output"  # score: where its predictions are
 # On a logged classifier (a logged-model tag): the sha256 of its files, set by train.
 MODEL_DIGEST = "pipeline.model_digest"
 TRAIN_RUN = "pipeline.train_run_id"
