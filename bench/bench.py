@@ -26,6 +26,12 @@ Surviving a lost worker:
   8. ``train --workers 2 --epochs 4 --max-restarts 1`` with rank 1 SIGKILLed in the middle
      of epoch 2, against the same job uninterrupted; the restart's own cost is the extra
      time less the half epoch of work the kill threw away.
+Inference that outgrows one process:
+  9. ``score`` (Spark local mode, all cores, ``mlflow.pyfunc.spark_udf``) on the 60,000
+     training images against the in-process pyfunc loop (``load_model`` then ``predict``
+     in batches of 10,000, the UDF's batch), as images per second; the whole ``score``
+     process (JVM start, reading, writing Parquet, its summary) and the loop both counted
+     from nothing loaded.
 Prints a table; writes bench/results.json.
 """
 
@@ -232,6 +238,29 @@ def restarted_job(store: Path, data_uri: str, client) -> dict:
             "run_status": run.info.status}
 
 
+def scoring_speed(store: Path, images: np.ndarray) -> dict:
+    """Item 9: the champion over ``images`` on Spark (the ``score`` process) and in this
+    process with pyfunc; both must give the same labels."""
+    import mlflow as mlf
+    import pandas as pd
+
+    source, output = WORK / "score-images.npy", WORK / "scored.parquet"
+    np.save(source, images)
+    spark_s, spark_rss, _ = timed([sys.executable, "-m", "steps.score", "--images",
+                                   str(source), "--output", str(output)], store)
+    started = time.perf_counter()
+    model = mlf.pyfunc.load_model("models:/mnist-classifier@champion")
+    labels = np.concatenate([model.predict(images[i:i + 10000])["label"].to_numpy()
+                             for i in range(0, len(images), 10000)])
+    loop_s = time.perf_counter() - started
+    scored = pd.read_parquet(output, columns=["id", "label"])
+    order = scored["id"].str.extract(r"\[(\d+)\]")[0].astype(int).to_numpy()
+    agree = int((scored["label"].to_numpy()[np.argsort(order)] == labels).sum())
+    return {"images": len(images), "spark_local_s": spark_s, "spark_peak_rss_mib": spark_rss,
+            "pyfunc_loop_s": loop_s, "spark_images_per_s": len(images) / spark_s,
+            "pyfunc_images_per_s": len(images) / loop_s, "labels_agree": agree}
+
+
 def system_metrics_cost(dataset, n_train: int, store: Path) -> dict:
     """Item 7: mean epoch of the core loop with MLflow's monitor sampling beside it
     (every 2 s, as train does) against without, alternated to share the machine's drift."""
@@ -331,6 +360,7 @@ def main() -> None:
     results["resume"] = killed_and_resumed(store, data_60k, client)
     results["system_metrics"] = system_metrics_cost(dataset, n_train, store)
     results["restart"] = restarted_job(store, data_60k, client)
+    results["scoring"] = scoring_speed(store, dataset.x_train)
 
     results["epoch"] = {"train_step_s": train_epoch, "bare_loop_s": bare,
                         "seed_style_s": seed["train_epoch_s"],
@@ -435,6 +465,12 @@ def format_table(r: dict) -> str:
                  f"({rj['total_vs_uninterrupted']:.2f}x) |")
     lines.append(f"| the restart's own cost (extra time less {rj['lost_work_s']:.1f} s of "
                  f"lost work) | {rj['restart_cost_s']:.1f} s |")
+    sc = r["scoring"]
+    lines.append(f"| score {sc['images']} images: Spark local[*] (`score` process) / "
+                 f"in-process pyfunc loop | {sc['spark_local_s']:.1f} s = "
+                 f"{sc['spark_images_per_s']:.0f} images/s / {sc['pyfunc_loop_s']:.1f} s = "
+                 f"{sc['pyfunc_images_per_s']:.0f} images/s ({sc['labels_agree']} labels "
+                 "agree) |")
     lines += [f"| start-up `{s}` (interpreter + imports) | {t:.2f} s |"
               for s, t in r["startup_s"].items()]
     if "gpu" in r:
