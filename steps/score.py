@@ -23,6 +23,7 @@ how many images each ``predict`` call of the UDF gets.
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -70,6 +71,8 @@ def cli(model_uri: str, images: str, column: str, output: str, spark_master: str
         check_output(None, output)
     with step_run("score") as run:
         output = output or f"scores/{run.info.run_id}.parquet"
+        if "://" not in output:  # recorded where it is, wherever the next reader stands
+            output = os.path.abspath(output)
         log_cli_params(output=output)
         scored_uri, version = resolve_version(mlflow.MlflowClient(), model_uri)
         model_dir, _ = verified_model_files(scored_uri)

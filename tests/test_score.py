@@ -93,11 +93,13 @@ def test_score_through_mlflow_run_equals_pyfunc_label_for_label(champion, images
 def test_score_an_npy_in_many_udf_batches(champion, images, tmp_path):
     pixels, expected = images
     np.save(tmp_path / "digits.npy", pixels.astype(np.uint8))
-    output = tmp_path / "out.parquet"
     # 359 images, 50 per predict call: eight batches or more, over the local workers.
-    result = run_step("score", "--images", str(tmp_path / "digits.npy"), "--output",
-                      str(output), "--batch-size", "50", "--spark-master", "local[2]")
+    result = run_step("score", "--images", str(tmp_path / "digits.npy"), "--batch-size", "50",
+                      "--spark-master", "local[2]")
     assert result.returncode == 0, result.stderr[-3000:]
+    run = runs_of(filter_string="tags.`pipeline.step` = 'score'")[0]
+    output = Path(run.data.tags["pipeline.output"])  # the default: scores/<run id>.parquet
+    assert output == Path.cwd() / "scores" / f"{run.info.run_id}.parquet"
     frame = scored(output, [f"digits.npy[{i}]" for i in range(len(pixels))])
     assert_same_as_pyfunc(frame, expected)
 

@@ -36,9 +36,8 @@ def is_local(master: str) -> bool:
 
 
 def check_java(master: str) -> None:
-    """Spark's driver is a JVM: without Java it dies with a page of py4j output. Only a
-    local driver is checked; a client of a remote cluster still needs Java here too, so
-    the check is the same."""
+    """Spark's driver is a JVM in this process, in local mode and as a cluster's client
+    alike: without Java it dies with a page of py4j output."""
     home = os.environ.get("JAVA_HOME")
     if home and not Path(home, "bin", "java").exists():
         raise StepError(f"spark_master={master!r} needs Java (17 or newer): JAVA_HOME={home} "
