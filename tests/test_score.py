@@ -141,7 +141,10 @@ def test_bad_input_is_one_line_naming_the_parameter(champion, tmp_path, case):
         args += ["--model-uri", "models:/no-such-model@champion"]
         words = ("model_uri='models:/no-such-model@champion'",)
     elif case == "no java":
-        env, words = {"PATH": VENV_BIN, "JAVA_HOME": ""}, ("spark_master='local[*]'", "Java")
+        env = {"PATH": VENV_BIN, "JAVA_HOME": ""}
+        # Said before Spark is started: Spark's own failure would only say that its "Java
+        # gateway process exited".
+        words = ("spark_master='local[*]'", "needs Java (17 or newer)", "no JAVA_HOME")
     else:
         (tmp_path / "taken").mkdir()
         args += ["--output", str(tmp_path / "taken")]
