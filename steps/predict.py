@@ -20,8 +20,8 @@ import logging
 import click
 
 from steps.tracking import options, tags
-from steps.tracking.artifacts import load_pyfunc
-from steps.tracking.cli import StepError, first_line, run_cli
+from steps.tracking.artifacts import load_pyfunc, unloadable
+from steps.tracking.cli import StepError, run_cli
 from steps.tracking.images import load_images
 
 log = logging.getLogger("steps.predict")
@@ -39,10 +39,7 @@ def cli(model_uri: str, images: str) -> None:
     try:
         model = load_pyfunc(model_uri)
     except (MlflowException, OSError) as exc:
-        raise StepError(
-            f"model_uri={model_uri!r} cannot be loaded ({first_line(exc)}); run the "
-            "pipeline first or pass a models:/ or runs:/ URI"
-        ) from None
+        raise unloadable(model_uri, exc) from None
     try:
         output = model.predict(pixels)
     except ValueError as exc:  # a model's own check (one logged before pixels.py)

@@ -205,15 +205,26 @@ def resolve_version(client, model_uri: str) -> tuple[str, str]:
     found = MODEL_URI_RE.match(model_uri)
     try:
         if found and found["name"]:
-            version = (client.get_model_version_by_alias(found["name"], found["alias"])
-                       if found["alias"] else client.get_model_version(found["name"],
-                                                                       found["version"]))
+            version = named_version(client, found)
             return f"models:/{version.name}/{version.version}", str(version.version)
         info = mlflow.models.get_model_info(model_uri)
     except (MlflowException, OSError) as exc:
-        raise StepError(f"model_uri={model_uri!r} cannot be loaded ({first_line(exc)}); run "
-                        "the pipeline first or pass a models:/ or runs:/ URI") from None
+        raise unloadable(model_uri, exc) from None
     return model_uri, info.model_id or model_uri
+
+
+def named_version(client, found: re.Match):
+    """The registered version a ``MODEL_URI_RE`` match of ``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>`` names."""
+    if found["alias"]:
+        return client.get_model_version_by_alias(found["name"], found["alias"])
+    return client.get_model_version(found["name"], found["version"])
+
+
+def unloadable(model_uri: str, error: BaseException) -> StepError:
+    """The one line for a model URI that names nothing loadable."""
+    return StepError(f"model_uri={model_uri!r} cannot be loaded ({first_line(error)}); run "
+                     "the pipeline first or pass a models:/ or runs:/ URI")
 
 
 def recorded_digest(client, model_uri: str) -> tuple[str, str]:
@@ -224,9 +235,7 @@ def recorded_digest(client, model_uri: str) -> tuple[str, str]:
 
     found = MODEL_URI_RE.match(model_uri)
     if found and found["name"]:
-        version = (client.get_model_version_by_alias(found["name"], found["alias"])
-                   if found["alias"] else client.get_model_version(found["name"],
-                                                                   found["version"]))
+        version = named_version(client, found)
         return (version.tags.get(tags.VERSION_MODEL_DIGEST, ""),
                 f"{found['name']} v{version.version}")
     model_id = found["model_id"] if found else mlflow.models.get_model_info(model_uri).model_id
@@ -252,8 +261,7 @@ def verified_model_files(model_uri: str) -> tuple[Path, str]:
         expected, whose = recorded_digest(client, model_uri)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except (MlflowException, OSError) as exc:
-        raise StepError(f"model_uri={model_uri!r} cannot be loaded ({first_line(exc)}); run "
-                        "the pipeline first or pass a models:/ or runs:/ URI") from None
+        raise unloadable(model_uri, exc) from None
     found = files_digest(local)
     if expected and found != expected:
         raise StepError(
