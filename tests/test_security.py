@@ -24,8 +24,8 @@ from helpers.processes import (
     VENV_BIN,
     free_port,
     mlflow_run,
+    start_listening,
     subprocess_env,
-    wait_for_http,
 )
 from steps.tracking import tags
 from steps.tracking.cli import StepError, run_cli, setup_logging
@@ -87,7 +87,6 @@ def test_log_lines_and_error_lines_are_redacted(capsys, caplog):
 def auth_server(tmp_path_factory):
     """``mlflow server --app-name basic-auth`` with proxied artifacts, on 127.0.0.1."""
     root = tmp_path_factory.mktemp("auth")
-    port = free_port()
     # MLflow's own auth settings, with its credential cache on (auth_cache_ttl_seconds):
     # without it the server checks the password hash on every request, about 1 s each on
     # two cores (61 ms without auth), and a digits pipeline takes minutes.
@@ -100,16 +99,14 @@ def auth_server(tmp_path_factory):
     env = subprocess_env(MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
                          MLFLOW_AUTH_CONFIG_PATH=str(config),
                          MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-csrf-key")
-    with open(root / "server.log", "w") as log:
-        server = subprocess.Popen(
-            [os.path.join(VENV_BIN, "mlflow"), "server", "--app-name", "basic-auth",
-             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-             "--artifacts-destination", str(root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    server, port = start_listening(
+        lambda port: [os.path.join(VENV_BIN, "mlflow"), "server", "--app-name", "basic-auth",
+                      "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                      "--artifacts-destination", str(root / "artifacts"),
+                      "--host", "127.0.0.1", "--port", str(port)],
+        root / "server.log", "/health", cwd=root, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/health", server, lambda: (root / "server.log").read_text()[-3000:])
         yield {"url": url, "root": root}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -171,17 +168,11 @@ def test_the_pipeline_runs_against_an_authenticated_server(auth_server, as_user)
     for path in text_files(auth_server["root"] / "artifacts"):
         assert ADMIN_PASSWORD.encode() not in path.read_bytes(), path
     # `make serve` of the champion against the same server, with the same environment.
-    port = free_port()
-    serve = subprocess.Popen(
-        ["make", "-s", "-C", str(PROJECT_DIR), "serve", f"PORT={port}"],
-        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", serve,
-                      lambda: serve.stderr.read()[-2000:] if serve.poll() is not None else "")
-    finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=30)
+    serve, _ = start_listening(  # returns once /ping answers: the champion loads and serves
+        lambda port: ["make", "-s", "-C", str(PROJECT_DIR), "serve", f"PORT={port}"],
+        auth_server["root"] / "serve.log", "/ping")
+    os.killpg(serve.pid, signal.SIGTERM)
+    serve.wait(timeout=30)
 
 
 LAUNCHERS = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 
 import mlflow
 import pytest
@@ -17,10 +16,8 @@ import pytest
 from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
-    free_port,
     mlflow_run,
-    subprocess_env,
-    wait_for_http,
+    start_listening,
 )
 from helpers.store import temporary_store
 from steps.tracking import tags
@@ -57,14 +54,11 @@ def ui(tmp_path_factory):
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = {r.data.tags[tags.STEP]: r for r in client.search_runs([experiment.experiment_id])}
-        port = free_port()
-        server = subprocess.Popen(
-            [os.path.join(VENV_BIN, "mlflow"), "ui", "--backend-store-uri", uri,
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        server, port = start_listening(
+            lambda port: [os.path.join(VENV_BIN, "mlflow"), "ui", "--backend-store-uri", uri,
+                          "--host", "127.0.0.1", "--port", str(port)],
+            root / "ui.log", "/health", cwd=root)
         try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", server, lambda: "mlflow ui died")
             yield {"url": f"http://127.0.0.1:{port}/", "experiment": experiment, "runs": runs}
         finally:
             os.killpg(server.pid, signal.SIGTERM)

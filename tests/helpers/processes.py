@@ -86,6 +86,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_listening(command, log: Path, health: str, *, port: int | None = None,
+                    cwd: str | Path | None = None, env: dict | None = None,
+                    attempts: int = 3) -> tuple[subprocess.Popen, int]:
+    """Start ``command(port)`` (a server, in a session of its own, its output to ``log``) and
+    wait until ``http://127.0.0.1:<port><health>`` answers; return the process and port.
+
+    ``free_port`` lets go of its port before the server binds it, and in between any
+    process (a parallel test, a client's ephemeral port) may take it. The server then
+    dies saying 'address already in use', and ``mlflow server`` even exits 0: so that
+    death, and only that one, is retried on another free port. A given ``port`` (a
+    server started again where it was) is not moved.
+    """
+    tries = 1 if port is not None else attempts
+    for attempt in range(1, tries + 1):
+        chosen = port or free_port()
+        with open(log, "w") as err:
+            proc = subprocess.Popen(command(chosen), env=env or subprocess_env(), cwd=cwd,
+                                    stdout=err, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{chosen}{health}", proc,
+                          lambda: Path(log).read_text()[-3000:])
+        except AssertionError:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+            if attempt == tries or "address already in use" not in Path(log).read_text().lower():
+                raise
+        else:
+            return proc, chosen
+    raise AssertionError(f"no free port in {tries} tries")
+
+
 def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 120) -> None:
     """Poll ``url`` until it answers; fail with ``describe()`` if ``proc`` dies or time runs out."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.processes import VENV_BIN, free_port, subprocess_env, wait_for_http
+from helpers.processes import VENV_BIN, free_port, start_listening
 from steps.tracking.store import prepare_store
 
 
@@ -93,22 +93,14 @@ class TrackingServer:
     one, or a stopped server's, to start it again)."""
 
     def __init__(self, backend_uri: str, root: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", backend_uri,
-                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "2"],
-                env=subprocess_env(), cwd=root, stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True)
-        try:
-            wait_for_http(f"{self.url}/health", self.proc,
-                          lambda: self.log.read_text()[-3000:])
-        except AssertionError:
-            self.stop()
-            raise
+        self.proc, self.port = start_listening(
+            lambda port: [os.path.join(VENV_BIN, "mlflow"), "server",
+                          "--backend-store-uri", backend_uri,
+                          "--artifacts-destination", str(root / "artifacts"),
+                          "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+            self.log, "/health", port=port, cwd=root)
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
