@@ -22,7 +22,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 run tune ui serve: export MLFLOW_EXPERIMENT_NAME := $(EXPERIMENT)
 
-.PHONY: setup run test test-fast lint ui serve bench tune clean conda-env screenshots
+.PHONY: setup run test test-fast lint ui serve mlserver mlserver-env bench tune clean conda-env screenshots
 
 setup: $(STAMP)
 
@@ -49,7 +49,7 @@ test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check steps tests bench tools plugins
+	$(BIN)/ruff check steps tests bench tools plugins deploy
 
 ui: setup  ## MLflow UI on the same store, opening on the experiment's training runs
 	@$(BIN)/python -c "import mlflow; e = mlflow.MlflowClient().get_experiment_by_name('$(EXPERIMENT)'); \
@@ -60,6 +60,27 @@ ui: setup  ## MLflow UI on the same store, opening on the experiment's training 
 serve: setup  ## REST server for the champion on 127.0.0.1:$(PORT)
 	$(BIN)/mnist-pipeline-preflight --model "$(MODEL)"
 	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
+
+# MLServer (the KServe V2 server) needs an older FastAPI, Starlette and protobuf than the
+# project's environment: it gets one of its own, with the same pins (docs/serving.md).
+MLSERVER_VENV ?= .venv-mlserver
+MLSERVER_PORT ?= 8080
+MLSERVER_GRPC_PORT ?= 8081
+
+$(MLSERVER_VENV)/.installed: requirements.txt deploy/mlserver/requirements.txt | $(STAMP)
+	$(BIN)/uv venv --quiet --allow-existing --python $(BIN)/python $(MLSERVER_VENV)
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(MLSERVER_VENV)/bin/python \
+		-r deploy/mlserver/requirements.txt
+	touch $@
+
+mlserver-env: $(MLSERVER_VENV)/.installed
+
+# It serves the model deploy/mlserver/mnist-classifier/model-settings.json names: the
+# champion (MLServer takes that file's uri over any environment variable).
+mlserver: mlserver-env  ## the champion on MLServer's V2 protocol, 127.0.0.1:$(MLSERVER_PORT)
+	PYTHONPATH=$(CURDIR) MLSERVER_HTTP_PORT=$(MLSERVER_PORT) \
+		MLSERVER_GRPC_PORT=$(MLSERVER_GRPC_PORT) \
+		$(MLSERVER_VENV)/bin/mlserver start deploy/mlserver
 
 tune: setup  ## hyperparameter sweep; extra params: make tune ARGS='-P trials=10'
 	$(BIN)/mnist-pipeline-preflight

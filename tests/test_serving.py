@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,8 +24,8 @@ from helpers.processes import (
     free_port,
     mlflow_run,
     run_step,
+    start_listening,
     subprocess_env,
-    wait_for_http,
 )
 from steps.core.data import load_digits_dataset
 from steps.tracking.cli import run_cli
@@ -101,17 +102,14 @@ def post(url: str, payload: dict, status: int = 200):
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_matches_pyfunc(champion, digits):
+def test_mlflow_models_serve_matches_pyfunc(champion, digits, tmp_path):
     images, _ = digits
-    port = free_port()
-    server = subprocess.Popen(
-        [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "-m", champion["model_uri"],
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=subprocess_env(), cwd=champion["root"], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    server, port = start_listening(
+        lambda port: [os.path.join(VENV_BIN, "mlflow"), "models", "serve", "-m",
+                      champion["model_uri"], "--env-manager", "local", "--host", "127.0.0.1",
+                      "--port", str(port)],
+        tmp_path / "serve.log", "/ping", cwd=champion["root"])
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", server,
-                      lambda: server.stderr.read()[-2000:] if server.poll() is not None else "")
         expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images)
         for payload in ({"inputs": images.tolist()},                  # (N, 28, 28) ints
                         {"inputs": images[:, None].tolist()},          # (N, 1, 28, 28)
@@ -167,11 +165,10 @@ def test_predict_under_mlflow_run_says_in_its_run_what_it_did(champion, digits, 
     assert run.data.tags["pipeline.model_uri"] == champion["model_uri"]
 
 
-@pytest.mark.slow
-def test_a_model_edited_behind_our_back_is_loaded_by_no_step(champion, digits, tmp_path):
-    """Code added to the registered classifier's ``code/model.py`` in the artifact store:
-    predict, evaluate and ``make serve``'s check each refuse it in one line naming the
-    version; nothing of the added code runs."""
+@contextlib.contextmanager
+def champion_with_added_code(marker: Path):
+    """The champion's ``code/model.py`` in the artifact store, with a line added that would
+    create ``marker``; restored afterwards. Yields what refusals must name."""
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("mnist-classifier", "champion")
     assert len(version.tags["model_digest"]) == 64
@@ -179,22 +176,96 @@ def test_a_model_edited_behind_our_back_is_loaded_by_no_step(champion, digits, t
     folder = client.get_logged_model(model_id).artifact_location.removeprefix("file://")
     code = Path(folder) / "code" / "model.py"
     original = code.read_text()
-    marker = tmp_path / "the-added-code-ran"
-    np.save(tmp_path / "digits.npy", digits[0][:2])
     code.write_text(original + f"\nopen({str(marker)!r}, 'w').close()\n")
     try:
-        named = f"mnist-classifier v{version.version}"
+        yield f"mnist-classifier v{version.version}"
+    finally:
+        code.write_text(original)
+
+
+@pytest.mark.slow
+def test_a_model_edited_behind_our_back_is_loaded_by_no_step(champion, digits, tmp_path):
+    """Code added to the registered classifier's ``code/model.py`` in the artifact store:
+    predict, evaluate and ``make serve``'s check each refuse it in one line naming the
+    version; nothing of the added code runs."""
+    marker = tmp_path / "the-added-code-ran"
+    np.save(tmp_path / "digits.npy", digits[0][:2])
+    with champion_with_added_code(marker) as named:
+        version = named.rsplit("v", 1)[1]
         for result in (run_step("predict", "--images", str(tmp_path / "digits.npy")),
-                       run_step("evaluate", "--model-uri", f"models:/mnist-classifier/"
-                                f"{version.version}"),
+                       run_step("evaluate", "--model-uri", f"models:/mnist-classifier/{version}"),
                        subprocess.run([os.path.join(VENV_BIN, "mnist-pipeline-preflight"),
                                        "--model", champion["model_uri"]], capture_output=True,
                                       text=True, env=subprocess_env(), timeout=120)):
             assert_clean_failure(result, named, "has changed since it was recorded")
         assert not marker.exists()
-    finally:
-        code.write_text(original)
     assert run_step("predict", "--images", str(tmp_path / "digits.npy")).returncode == 0
+
+
+def v2_infer(url: str, images: np.ndarray) -> tuple[int, dict]:
+    """One KServe V2 request with ``images`` as its only tensor: (HTTP status, answer)."""
+    datatype = {"uint8": "UINT8", "float32": "FP32", "float64": "FP64"}[str(images.dtype)]
+    body = {"inputs": [{"name": "images", "shape": list(images.shape), "datatype": datatype,
+                        "data": images.flatten().tolist()}]}
+    request = urllib.request.Request(f"{url}/v2/models/mnist-classifier/infer",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_mlserver_serves_the_champion_with_pyfuncs_labels(champion, digits, tmp_path):
+    """``make mlserver``: MLServer's MLflow runtime in an environment of its own (built here
+    by ``make mlserver-env``), over the KServe V2 protocol. Every tensor layout gets
+    pyfunc's labels and probabilities, pixels that are not pixels get HTTP 400 saying why,
+    and a model edited behind our back is not loaded."""
+    built = subprocess.run(["make", "-s", "-C", str(PROJECT_DIR), "mlserver-env"],
+                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+
+    def mlserver(port: int) -> list[str]:
+        return ["make", "-s", "-C", str(PROJECT_DIR), "mlserver", f"MLSERVER_PORT={port}",
+                f"MLSERVER_GRPC_PORT={free_port()}"]
+
+    images, _ = digits
+    expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(images)
+    server, port = start_listening(mlserver, tmp_path / "mlserver.log",
+                                   "/v2/models/mnist-classifier/ready")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for layout in (images, images[:, None], images.reshape(16, 784),
+                       images.astype(np.float32), images.reshape(16, 784).astype(np.float32)):
+            status, answer = v2_infer(url, layout)
+            assert status == 200, answer
+            outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+            assert outputs["label"] == expected["label"].tolist()
+            served = np.array([json.loads(row) for row in outputs["probabilities"]])
+            assert np.allclose(served, np.stack(expected["probabilities"].to_numpy()),
+                               atol=1e-5)
+        for bad, words in ((np.full((2, 28, 28), 300.0), "from 0 to 255"),
+                           (np.zeros((2, 27), np.float32), "28x28")):
+            status, answer = v2_infer(url, bad)
+            assert status == 400 and answer["error"].startswith("images: "), answer
+            assert words in answer["error"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert "Traceback" not in (tmp_path / "mlserver.log").read_text()
+
+    marker = tmp_path / "the-added-code-ran"
+    with champion_with_added_code(marker) as named:
+        log = tmp_path / "edited.log"
+        with open(log, "w") as output:
+            # MLServer ends when a model fails to load at start-up (exit 0, its log says why).
+            subprocess.run(mlserver(free_port()), env=subprocess_env(), stdout=output,
+                           stderr=subprocess.STDOUT, timeout=180)
+        assert "has changed since it was recorded" in log.read_text()
+        assert named in log.read_text()
+        assert not marker.exists()
 
 
 def test_make_serve_without_a_champion_is_one_line(tracking_uri):
