@@ -273,3 +273,35 @@ def test_the_debug_traceback_is_redacted_too(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError" in err
     assert "s3cret" not in err and "postgresql://u:***@db/mlflow" in err
+
+
+def test_a_slow_server_is_waited_for_and_a_refusing_one_is_not(monkeypatch):
+    """The start-up check tells a server that is down (the connection refused: one line at
+    once) from one that is up and busy (it answers after the connect timeout: waited for)."""
+    import http.server
+    import threading
+
+    from steps.tracking import store
+
+    class SlowAnswer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(1.5)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(store, "CONNECT_TIMEOUT_S", 0.5)  # shorter than the answer takes
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store.check_tracking_server(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    started = time.monotonic()
+    with pytest.raises(StepError, match="cannot be reached"):
+        store.check_tracking_server(f"http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 2

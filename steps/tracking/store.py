@@ -18,7 +18,11 @@ import os
 from steps.tracking.cli import StepError
 from steps.tracking.redact import redact
 
-TIMEOUT_S = 5
+# A server that refuses the connection, or does not accept it within CONNECT_TIMEOUT_S, is
+# down: say so at once. One that accepted it is up, and may be slow to answer while a team
+# loads it (four pipelines starting at once on two cores took it past 5 s): wait for it.
+CONNECT_TIMEOUT_S = 5
+ANSWER_TIMEOUT_S = 60
 
 
 def check_tracking_server(uri: str | None = None) -> None:
@@ -40,7 +44,7 @@ def check_tracking_server(uri: str | None = None) -> None:
     try:
         response = requests.get(url, params={"max_results": 1}, headers=headers,
                                 auth=(user, password) if user and password else None,
-                                timeout=TIMEOUT_S)
+                                timeout=(CONNECT_TIMEOUT_S, ANSWER_TIMEOUT_S))
     except requests.RequestException as exc:
         raise StepError(f"the tracking server {redact(uri)} cannot be reached "
                         f"({type(exc).__name__}); start it or fix MLFLOW_TRACKING_URI") from None
