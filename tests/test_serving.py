@@ -168,7 +168,7 @@ def test_predict_under_mlflow_run_says_in_its_run_what_it_did(champion, digits, 
 @contextlib.contextmanager
 def champion_with_added_code(marker: Path):
     """The champion's ``code/model.py`` in the artifact store, with a line added that would
-    create ``marker``; restored afterwards. Yields what refusals must name."""
+    create ``marker``; restored afterwards. Yields (what refusals must name, the version)."""
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("mnist-classifier", "champion")
     assert len(version.tags["model_digest"]) == 64
@@ -178,7 +178,7 @@ def champion_with_added_code(marker: Path):
     original = code.read_text()
     code.write_text(original + f"\nopen({str(marker)!r}, 'w').close()\n")
     try:
-        yield f"mnist-classifier v{version.version}"
+        yield f"mnist-classifier v{version.version}", version.version
     finally:
         code.write_text(original)
 
@@ -190,8 +190,7 @@ def test_a_model_edited_behind_our_back_is_loaded_by_no_step(champion, digits, t
     version; nothing of the added code runs."""
     marker = tmp_path / "the-added-code-ran"
     np.save(tmp_path / "digits.npy", digits[0][:2])
-    with champion_with_added_code(marker) as named:
-        version = named.rsplit("v", 1)[1]
+    with champion_with_added_code(marker) as (named, version):
         for result in (run_step("predict", "--images", str(tmp_path / "digits.npy")),
                        run_step("evaluate", "--model-uri", f"models:/mnist-classifier/{version}"),
                        subprocess.run([os.path.join(VENV_BIN, "mnist-pipeline-preflight"),
@@ -257,7 +256,7 @@ def test_mlserver_serves_the_champion_with_pyfuncs_labels(champion, digits, tmp_
     assert "Traceback" not in (tmp_path / "mlserver.log").read_text()
 
     marker = tmp_path / "the-added-code-ran"
-    with champion_with_added_code(marker) as named:
+    with champion_with_added_code(marker) as (named, _):
         log = tmp_path / "edited.log"
         with open(log, "w") as output:
             # MLServer ends when a model fails to load at start-up (exit 0, its log says why).

@@ -98,8 +98,8 @@ def start_listening(command, log: Path, health: str, *, port: int | None = None,
     death, and only that one, is retried on another free port. A given ``port`` (a
     server started again where it was) is not moved.
     """
-    tries = 1 if port is not None else attempts
-    for attempt in range(1, tries + 1):
+    attempt = 1
+    while True:
         chosen = port or free_port()
         with open(log, "w") as err:
             proc = subprocess.Popen(command(chosen), env=env or subprocess_env(), cwd=cwd,
@@ -108,15 +108,15 @@ def start_listening(command, log: Path, health: str, *, port: int | None = None,
         try:
             wait_for_http(f"http://127.0.0.1:{chosen}{health}", proc,
                           lambda: Path(log).read_text()[-3000:])
+            return proc, chosen
         except AssertionError:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-            if attempt == tries or "address already in use" not in Path(log).read_text().lower():
+            lost_race = "address already in use" in Path(log).read_text().lower()
+            if port is not None or attempt == attempts or not lost_race:
                 raise
-        else:
-            return proc, chosen
-    raise AssertionError(f"no free port in {tries} tries")
+        attempt += 1
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 120) -> None:
