@@ -393,16 +393,21 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
                       "train", "--env-manager", "local", *params])
         deadline, run_id = time.monotonic() + 180, ""
         while not run_id and time.monotonic() < deadline:
-            for run in train_runs():
-                if run.info.run_id not in before and client.get_metric_history(
-                        run.info.run_id, "val_accuracy"):
-                    run_id = run.info.run_id
+            run_id = next((r.info.run_id for r in train_runs() if r.info.run_id not in before),
+                          "")
             time.sleep(0.05)
-        assert run_id, "the job never finished its first epoch"
-        # The ranks run in sessions of their own (torch's agent starts them so): a lost
-        # machine takes the launcher's group and every rank at once.
-        ranks = _every_rank_of(run_id)
+        assert run_id, "the job never opened its run"
+        # The ranks are found before epoch 1 ends, not after: on an idle worker the last
+        # epochs took less time than a search for them, and the job had ended when it ran.
+        # They run in sessions of their own (torch's agent starts them so): a lost machine
+        # takes the launcher's group and every rank at once.
+        ranks = _every_rank_of(run_id, timeout=120)
         assert sorted(ranks) == [0, 1]
+        while (not client.get_metric_history(run_id, "val_accuracy")
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert client.get_metric_history(run_id, "val_accuracy"), \
+            "the job never finished its first epoch"
         os.killpg(proc.pid, signal.SIGKILL)
         for pid in ranks.values():
             os.kill(pid, signal.SIGKILL)
