@@ -6,6 +6,7 @@ STAMP     := $(VENV)/.installed
 ARGS      ?=
 PORT      ?= 5001
 UI_PORT   ?= 5000
+UI_WORKERS ?= 1
 MODEL     ?= models:/mnist-classifier@champion
 # The store every target uses: MLFLOW_TRACKING_URI if set, else MLflow's default.
 TRACKING  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
@@ -51,11 +52,15 @@ test-fast: setup  ## unit tests only
 lint: setup
 	$(BIN)/ruff check steps tests bench tools plugins deploy
 
+# One person's UI: one worker, and without MLflow's GenAI job runner, which nothing here
+# uses (seven more processes, about 50 s of CPU at every start: docs/speed.md).
+ui: export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 ui: setup  ## MLflow UI on the same store, opening on the experiment's training runs
 	@$(BIN)/python -c "import mlflow; e = mlflow.MlflowClient().get_experiment_by_name('$(EXPERIMENT)'); \
 	print('open http://127.0.0.1:$(UI_PORT)/#/experiments/' + e.experiment_id + '/runs?workflowType=machine_learning' if e else \
 	      'no experiment $(EXPERIMENT) yet: run make run first')"
-	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING) --host 127.0.0.1 --port $(UI_PORT) \
+		--workers $(UI_WORKERS)
 
 serve: setup  ## REST server for the champion on 127.0.0.1:$(PORT)
 	$(BIN)/mnist-pipeline-preflight --model "$(MODEL)"

@@ -103,7 +103,7 @@ def auth_server(tmp_path_factory):
         lambda port: [os.path.join(VENV_BIN, "mlflow"), "server", "--app-name", "basic-auth",
                       "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
                       "--artifacts-destination", str(root / "artifacts"),
-                      "--host", "127.0.0.1", "--port", str(port)],
+                      "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         root / "server.log", "/health", cwd=root, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -56,7 +56,7 @@ def ui(tmp_path_factory):
         runs = {r.data.tags[tags.STEP]: r for r in client.search_runs([experiment.experiment_id])}
         server, port = start_listening(
             lambda port: [os.path.join(VENV_BIN, "mlflow"), "ui", "--backend-store-uri", uri,
-                          "--host", "127.0.0.1", "--port", str(port)],
+                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             root / "ui.log", "/health", cwd=root)
         try:
             yield {"url": f"http://127.0.0.1:{port}/", "experiment": experiment, "runs": runs}

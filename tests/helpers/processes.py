@@ -21,6 +21,10 @@ def subprocess_env(**extra: str) -> dict:
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(PROJECT_DIR)
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # Every `mlflow server`/`ui` the tests start runs without MLflow's GenAI job runner
+    # (seven huey consumers, about 50 s of CPU per start); nothing here uses it (`make ui`
+    # runs without it too).
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     env.pop("PIPELINE_DEBUG", None)
     env.update(extra)
     return env
