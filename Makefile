@@ -72,10 +72,11 @@ MLSERVER_VENV ?= .venv-mlserver
 MLSERVER_PORT ?= 8080
 MLSERVER_GRPC_PORT ?= 8081
 
-$(MLSERVER_VENV)/.installed: requirements.txt deploy/mlserver/requirements.txt | $(STAMP)
+$(MLSERVER_VENV)/.installed: requirements.txt deploy/mlserver/requirements.txt \
+		deploy/mlserver/excludes.txt | $(STAMP)
 	$(BIN)/uv venv --quiet --allow-existing --python $(BIN)/python $(MLSERVER_VENV)
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(MLSERVER_VENV)/bin/python \
-		-r deploy/mlserver/requirements.txt
+		-r deploy/mlserver/requirements.txt --excludes deploy/mlserver/excludes.txt
 	touch $@
 
 mlserver-env: $(MLSERVER_VENV)/.installed

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -81,6 +82,16 @@ def _raise_interrupted(signum, _frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
+def ignore_interrupts() -> None:
+    """The process is ending: no further SIGINT/SIGTERM may cut short closing its run. One
+    Ctrl-C brings two: the terminal's SIGINT reaches ``main`` and its launcher, and the
+    launcher then sends ``main`` SIGTERM; on a busy machine that second one arrived while
+    the run was being closed, and the run was left for the launcher to mark FAILED."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def run_cli(command: click.Command, args: list[str] | None = None,
             fast_exit: bool = False) -> None:
     """Run a click command; every failure ends as one ``error:`` line and a non-zero exit.
@@ -102,6 +113,7 @@ def run_cli(command: click.Command, args: list[str] | None = None,
     except click.ClickException as exc:
         code = _fail(_click_message(exc), exc.exit_code or 2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        ignore_interrupts()
         _close_active_run("KILLED")
         code = _fail("interrupted (Ctrl-C or SIGTERM); the run is marked KILLED", 130)
     except StepError as exc:
@@ -121,8 +133,7 @@ def run_cli(command: click.Command, args: list[str] | None = None,
                          f"(set {DEBUG_ENV}=1 for the traceback)", 1)
     # Exiting already, with the run closed: a late signal (a launcher stopping the rest of
     # a job) must not turn the exit handlers into a traceback.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_interrupts()
     if fast_exit:
         atexit._run_exitfuncs()
         logging.shutdown()

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from steps.tracking import tags
-from steps.tracking.cli import StepError, disk_full, first_line, no_space
+from steps.tracking.cli import StepError, disk_full, first_line, ignore_interrupts, no_space
 from steps.tracking.redact import redact
 
 log = logging.getLogger("steps")
@@ -66,6 +66,7 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
             close_orphans(mlflow.MlflowClient(), run.info.experiment_id)
         yield run
     except KeyboardInterrupt as exc:
+        ignore_interrupts()
         _note_ending(f"interrupted ({first_line(exc) or 'Ctrl-C'})")
         mlflow.end_run("KILLED")
         if launched_by == run.info.run_id:
@@ -144,7 +145,10 @@ def keep_killed_after_launcher(run_id: str) -> None:
     code runs in a bare launcher, so a small detached process waits for that write and
     puts KILLED back (public client calls only).
     """
-    code = (f"from steps.tracking.runs import restore_status; "
+    # It inherits this ending process's ignored signals: it gets Python's defaults back.
+    code = (f"import signal; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+            f"signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"from steps.tracking.runs import restore_status; "
             f"restore_status({run_id!r}, 'KILLED', {os.getppid()})")
     with contextlib.suppress(OSError):
         subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, env=os.environ.copy(),
