@@ -6,15 +6,10 @@ it needs, so each passes alone and in any order.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-
 import mlflow
 import pytest
 
-from helpers.processes import VENV_BIN, copy_project, mlflow_run, subprocess_env
+from helpers.processes import mlflow_run
 from helpers.store import temporary_store
 from steps.tracking import tags
 
@@ -113,36 +108,6 @@ def test_make_run_prints_no_python_warnings(first):
     result, _ = first
     assert "Warning" not in result.stderr, result.stderr
     assert "already exists" not in result.stderr
-
-
-# pip's notice that this machine's pip.conf names an index folder that does not exist: the
-# machine's, not the project's (a Python warning reads "<file>:<line>: SomeWarning: ...").
-PIP_CONFIG_NOTICE = re.compile(
-    r"^WARNING: Location '[^']+' is ignored: it is neither a file nor a directory\.$")
-
-
-def test_the_first_make_run_on_a_clean_clone_prints_no_python_warning(tmp_path):
-    """Setup included: a fresh .venv from the pinned requirements, the preflight plugin
-    installed editable, then the whole pipeline."""
-    clone = copy_project(tmp_path / "clone")
-    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # Only the system's tools: the Makefile must build and use its own environment.
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != VENV_BIN)
-    env.pop("PYTHONPATH")
-    try:
-        result = subprocess.run(["make", "run", "ARGS=-P dataset=digits -P epochs=1"],
-                                cwd=clone, env=env, capture_output=True, text=True,
-                                timeout=1200)
-        assert (clone / ".venv" / ".installed").is_file()
-    finally:
-        shutil.rmtree(clone / ".venv", ignore_errors=True)  # 5 GiB of wheels unpacked
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    assert "main: done. test_accuracy" in result.stderr
-    assert not re.findall(r"\w+Warning\b", output), output[-5000:]
-    noticed = [line for line in output.splitlines() if "warn" in line.lower()
-               and not PIP_CONFIG_NOTICE.match(line)]
-    assert noticed == [], noticed
 
 
 def test_rerun_reuses_every_step(first):
