@@ -53,7 +53,7 @@ lint: setup
 	$(BIN)/ruff check steps tests bench tools plugins deploy
 
 # One person's UI: one worker, and without MLflow's GenAI job runner, which nothing here
-# uses (seven more processes, about 50 s of CPU at every start: docs/speed.md).
+# uses (seven more processes, about 50 s of CPU at every start: docs/results.md).
 ui: export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 ui: setup  ## MLflow UI on the same store, opening on the experiment's training runs
 	@$(BIN)/python -c "import mlflow; e = mlflow.MlflowClient().get_experiment_by_name('$(EXPERIMENT)'); \

@@ -126,3 +126,30 @@ def test_ctrl_c_on_a_sweep_leaves_no_trial_running(store):
     trials = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'tune_trial'")
     assert trials and trials[-1].info.status in ("FINISHED", "KILLED")
     assert "KILLED" in {t.info.status for t in trials}
+
+
+def test_a_second_signal_while_the_run_closes_leaves_it_killed(store, monkeypatch):
+    """One Ctrl-C brings ``main`` two signals: the terminal's SIGINT, then its launcher's
+    SIGTERM. Under load the second arrived while the run was being closed, cut that short,
+    and the launcher's FAILED stayed (seen with three test workers). Here it comes at that
+    very moment, in-process."""
+    from steps.tracking import runs
+    from steps.tracking.cli import _raise_interrupted
+
+    note_ending = runs._note_ending
+
+    def note_while_the_launcher_sends_sigterm(reason: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        note_ending(reason)
+
+    monkeypatch.setattr(runs, "_note_ending", note_while_the_launcher_sends_sigterm)
+    before = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(KeyboardInterrupt), runs.step_run("main"):
+            raise KeyboardInterrupt
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    run = mlflow.MlflowClient().search_runs(["0"])[0]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["pipeline.ended_because"].startswith("interrupted")
