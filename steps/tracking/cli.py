@@ -78,15 +78,39 @@ def setup_logging() -> None:
             handler.addFilter(RedactingFilter())
 
 
-def _raise_interrupted(signum, _frame):
+_interrupted = False  # a flag, not a threading.Event: a signal handler must take no lock
+
+
+def _interrupt_once(signum, _frame):
+    """The first SIGINT or SIGTERM unwinds the process like Ctrl-C; any later one is dropped.
+
+    One Ctrl-C brings ``main`` two: the terminal's SIGINT, then SIGTERM from its launcher.
+    On a busy machine the second landed anywhere in the unwinding the first began, even on
+    the first line of the handler that closes the run KILLED, and the launcher's FAILED
+    stayed. Dropped here, in the signal handler itself, it has no line left to land on.
+    """
+    global _interrupted
+    if _interrupted:
+        return
+    _interrupted = True
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(signal.Signals(signum).name)
 
 
+def handle_interrupts() -> None:
+    """Install :func:`_interrupt_once` for SIGINT and SIGTERM (main thread only)."""
+    global _interrupted
+    if threading.current_thread() is threading.main_thread():
+        _interrupted = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _interrupt_once)
+
+
 def ignore_interrupts() -> None:
-    """The process is ending: no further SIGINT/SIGTERM may cut short closing its run. One
-    Ctrl-C brings two: the terminal's SIGINT reaches ``main`` and its launcher, and the
-    launcher then sends ``main`` SIGTERM; on a busy machine that second one arrived while
-    the run was being closed, and the run was left for the launcher to mark FAILED."""
+    """The process is closing its run or ending: no further SIGINT/SIGTERM may cut that
+    short, also where a library replaced :func:`_interrupt_once` with a handler of its own
+    (torch's elastic agent does, while it runs the ranks)."""
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
@@ -101,7 +125,7 @@ def run_cli(command: click.Command, args: list[str] | None = None,
     every pipeline step would pay it.
     """
     setup_logging()
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    handle_interrupts()
     code = 0
     try:
         command.main(args=args, standalone_mode=False)

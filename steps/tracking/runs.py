@@ -159,18 +159,23 @@ def keep_killed_after_launcher(run_id: str) -> None:
 def restore_status(run_id: str, status: str, launcher_pid: int) -> None:
     """Put ``status`` back on ``run_id`` when the launcher overwrites it with FAILED, until
     the launcher process is gone (and a second longer) or :data:`LAUNCHER_GRACE_S` passed.
-    Any other change (the run continued, RUNNING again) is left alone."""
+    Any other change (the run continued, RUNNING again) is left alone. A store that is
+    busy (sqlite's lock, held by the launcher's write) is asked again."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    end_time = client.get_run(run_id).info.end_time
-    deadline, gone_at = time.monotonic() + LAUNCHER_GRACE_S, None
+    deadline, gone_at, end_time = time.monotonic() + LAUNCHER_GRACE_S, None, None
     while time.monotonic() < deadline:
-        now = client.get_run(run_id).info.status
-        if now == "FAILED" != status:
-            client.set_terminated(run_id, status, end_time=end_time)
-            return
-        if now != status:
+        try:
+            run = client.get_run(run_id)
+            end_time = end_time or run.info.end_time  # the step's own, not the launcher's
+            if run.info.status == "FAILED" != status:
+                client.set_terminated(run_id, status, end_time=end_time)
+                return
+        except Exception:  # a detached process: nobody would see its error
+            time.sleep(0.2)
+            continue
+        if run.info.status != status:  # continued, or changed by someone else
             return
         if gone_at is None and _process_gone(launcher_pid, ""):
             gone_at = time.monotonic()
