@@ -60,4 +60,4 @@ def cli(dataset: str, data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

@@ -68,4 +68,4 @@ def cli(model_uri: str, data: str, model_name: str) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

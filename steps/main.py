@@ -117,4 +117,4 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

@@ -70,4 +70,4 @@ def record_in_launcher_run(model_uri: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

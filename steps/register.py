@@ -123,4 +123,4 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str, min_delta: flo
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

@@ -161,4 +161,4 @@ def point_launcher_run_at(continued) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

@@ -190,4 +190,4 @@ def worker_seed(seed: int, run_id: str) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(cli, fast_exit=True)
+    run_cli(cli, fast_exit=True, spark=False)

@@ -143,6 +143,23 @@ def test_classifier_loads_without_torch_dynamo(store, train_run):
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
 
 
+def test_a_step_starts_without_pyspark_and_mlflow_works_without_it(tracking_uri):
+    """``import mlflow`` imports pyspark whenever it is installed; the steps that run no
+    Spark job start without it (0.6 s of CPU each). ``score``, which runs Spark, keeps it:
+    its tests go through Spark."""
+    done = run_step("download_data", "--dataset", "digits", PYTHONPROFILEIMPORTTIME="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "mlflow" in imported and "sklearn.datasets" in imported
+    # MLflow's attempts (`import pyspark`) are listed too, failed; what pyspark itself
+    # imports is not.
+    assert not {name for name in imported if name.split(".")[0] == "py4j"
+                or name in ("pyspark.context", "pyspark.sql.types")}
+    run = mlflow.MlflowClient().search_runs(["0"])[0]
+    assert run.info.status == "FINISHED" and run.data.tags[tags.STEP] == "download_data"
+
+
 def test_evaluate_with_no_params_uses_the_newest_model_and_its_data(eval_run, train_run,
                                                                     data_run):
     run = eval_run
