@@ -1,6 +1,7 @@
-"""Fixtures only: a throw-away sqlite tracking store, a tiny IDX dataset, a registered
-champion, a PostgreSQL cluster, and each xdist worker's share of the cores. What tests share besides fixtures
-lives in ``tests/helpers/``."""
+"""Fixtures: a throw-away sqlite tracking store, a tiny IDX dataset, a registered
+champion, a PostgreSQL cluster, and each xdist worker's share of the cores; plus pytest's
+hooks that order the test files longest first for the xdist workers. What tests share
+besides fixtures lives in ``tests/helpers/``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers.data import write_idx_folder
+from helpers.scheduling import DurationLog, longest_files_first, read_durations
 from helpers.store import postgres_bin, postgres_cluster, temporary_store
 
 
@@ -73,3 +75,21 @@ def a_share_of_the_cores():
     yield
     del os.environ["OMP_NUM_THREADS"]
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help="after the run, write each test file's seconds to "
+                          "tests/durations.json (the order xdist hands files out)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("store_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(DurationLog(), "duration-log")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest test files first: xdist hands whole files to its workers in this order
+    (``--no-loadscope-reorder``), so that they end together (``helpers/scheduling.py``)."""
+    order = longest_files_first([item.nodeid for item in items], read_durations())
+    items[:] = [items[i] for i in order]

@@ -6,10 +6,11 @@ import os
 import signal
 import socket
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from helpers import processes
+from helpers import processes, scheduling
 
 
 def http_server(port: int) -> list[str]:
@@ -39,3 +40,24 @@ def test_a_server_that_dies_for_another_reason_is_not_retried(tmp_path, monkeypa
             lambda port: [sys.executable, "-c", "raise SystemExit('no store here')"],
             tmp_path / "log", "/", cwd=tmp_path)
     assert len(tried) == 1
+
+
+def test_test_files_are_handed_out_longest_first_and_unknown_ones_before_all():
+    nodeids = ["tests/test_a.py::one", "tests/test_b.py::one", "tests/test_a.py::two",
+               "tests/test_new.py::one", "tests/test_c.py::one"]
+    durations = {"tests/test_a.py": 10.0, "tests/test_b.py": 300.0, "tests/test_c.py": 50.0}
+    order = [nodeids[i] for i in scheduling.longest_files_first(nodeids, durations)]
+    assert order == ["tests/test_new.py::one", "tests/test_b.py::one", "tests/test_c.py::one",
+                     "tests/test_a.py::one", "tests/test_a.py::two"]
+
+
+def test_stored_durations_are_each_files_seconds_and_files_not_run_keep_theirs(tmp_path):
+    (tmp_path / "durations.json").write_text('{"tests/test_c.py": 9.0, "tests/test_a.py": 99}')
+    log = scheduling.DurationLog(tmp_path / "durations.json")
+    for nodeid, seconds in (("tests/test_a.py::one", 1.5), ("tests/test_a.py::two", 2.0),
+                            ("tests/test_b.py::one", 7.25)):
+        log.pytest_runtest_logreport(SimpleNamespace(nodeid=nodeid, duration=seconds))
+    log.pytest_sessionfinish(session=None)
+    assert scheduling.read_durations(tmp_path / "durations.json") == {
+        "tests/test_c.py": 9.0, "tests/test_b.py": 7.2, "tests/test_a.py": 3.5}
+    assert scheduling.read_durations(tmp_path / "missing.json") == {}

@@ -1,6 +1,7 @@
 """Position says what a file is: every ``steps/*.py`` is an MLproject entry point (a door),
 the MLflow-aware library lives in ``steps/tracking/``, the pure core in ``steps/core/``, and
-tests share helpers through ``tests/helpers/``, fixtures through ``conftest.py``."""
+tests share helpers through ``tests/helpers/``, fixtures (and pytest's hooks) through
+``conftest.py``."""
 
 from __future__ import annotations
 
@@ -87,13 +88,14 @@ def test_core_imports_neither_mlflow_nor_click_nor_the_tracking_library():
     assert seen["choices.py"] == set()  # main and register import it without torch
 
 
-def test_conftest_holds_fixtures_only_and_tests_import_helpers_by_name():
+def test_conftest_holds_fixtures_and_hooks_only_and_tests_import_helpers_by_name():
     tree = ast.parse((ROOT / "tests" / "conftest.py").read_text())
     defined = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
     assert defined
     for node in defined:
         decorators = [ast.unparse(d) for d in getattr(node, "decorator_list", [])]
-        assert any(d.startswith("pytest.fixture") for d in decorators), node.name
+        hook = node.name.startswith("pytest_")  # pytest's hooks live in conftest.py
+        assert hook or any(d.startswith("pytest.fixture") for d in decorators), node.name
     assert not [n for n in tree.body if isinstance(n, ast.Assign)]
     for path in (ROOT / "tests").rglob("*.py"):
         assert "conftest" not in {name.split(".")[0] for name in imported(path)}, path
