@@ -150,6 +150,30 @@ def test_a_second_signal_while_the_run_closes_leaves_it_killed(store, monkeypatc
     assert run.data.tags["pipeline.ended_because"].startswith("interrupted")
 
 
+def test_a_run_continued_before_the_status_keeper_looks_keeps_its_own_failure(store,
+                                                                             monkeypatch):
+    """A step its launcher started, interrupted, leaves a process that puts KILLED back
+    over the launcher's FAILED. A launcher killed by the same SIGTERM writes nothing, and on
+    a busy machine that process may first look after the next step continued the run and
+    failed it (a corrupt checkpoint refused): that FAILED stays (seen in CI)."""
+    from steps.tracking import runs
+    from steps.tracking.cli import StepError
+
+    launched = mlflow.MlflowClient().create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
+    with pytest.raises(KeyboardInterrupt), interrupts_as_in_a_step(), runs.step_run("train"):
+        raise KeyboardInterrupt
+    with pytest.raises(StepError), runs.step_run("train", run_id=launched):
+        raise StepError("its checkpoint is corrupt")
+    deadline = time.monotonic() + LAUNCHER_GRACE_S + 10
+    while any("restore_status" in command for _, command in _children(os.getpid())):
+        assert time.monotonic() < deadline, "the status keeper did not end"
+        time.sleep(0.2)
+    run = mlflow.MlflowClient().get_run(launched)
+    assert run.info.status == "FAILED"
+    assert [r["after"] for r in runs.records(run.data.tags, "pipeline.resumes")] == ["KILLED"]
+
+
 def test_after_the_first_interrupt_a_signal_raises_nowhere():
     """The launcher's SIGTERM can land on any line of the unwinding that ``main``'s SIGINT
     began, the first line of the handler that closes the run included (where no call of

@@ -143,24 +143,35 @@ def keep_killed_after_launcher(run_id: str) -> None:
     ``mlflow.projects._maybe_set_run_terminated`` tests the status *string* with
     ``RunStatus.is_terminated``, which expects an int, so it always overwrites. No project
     code runs in a bare launcher, so a small detached process waits for that write and
-    puts KILLED back (public client calls only).
+    puts KILLED back (public client calls only). It is told the run's continuations
+    (``pipeline.resumes``) as this step ended it: that process may start late on a busy
+    machine, after a launcher killed by the same signal wrote nothing and the next step
+    already continued the run and ended it FAILED, a FAILED that is not the launcher's.
     """
+    import mlflow
+
+    try:
+        resumes = mlflow.MlflowClient().get_run(run_id).data.tags.get(tags.RESUMES, "")
+    except Exception:  # the store the run was just closed in: it is not worth a traceback
+        return
     # It inherits this ending process's ignored signals: it gets Python's defaults back.
     code = (f"import signal; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
             f"signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"from steps.tracking.runs import restore_status; "
-            f"restore_status({run_id!r}, 'KILLED', {os.getppid()})")
+            f"restore_status({run_id!r}, 'KILLED', {os.getppid()}, {resumes!r})")
     with contextlib.suppress(OSError):
         subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, env=os.environ.copy(),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def restore_status(run_id: str, status: str, launcher_pid: int) -> None:
+def restore_status(run_id: str, status: str, launcher_pid: int, resumes: str) -> None:
     """Put ``status`` back on ``run_id`` when the launcher overwrites it with FAILED, until
     the launcher process is gone (and a second longer) or :data:`LAUNCHER_GRACE_S` passed.
-    Any other change (the run continued, RUNNING again) is left alone. A store that is
-    busy (sqlite's lock, held by the launcher's write) is asked again."""
+    Any other change is left alone: RUNNING again, or a ``pipeline.resumes`` other than
+    ``resumes``, the tag as the step ended the run (it was continued since, and how that
+    continuation ended is its own). A store that is busy (sqlite's lock, held by the
+    launcher's write) is asked again."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -168,6 +179,8 @@ def restore_status(run_id: str, status: str, launcher_pid: int) -> None:
     while time.monotonic() < deadline:
         try:
             run = client.get_run(run_id)
+            if run.data.tags.get(tags.RESUMES, "") != resumes:
+                return
             end_time = end_time or run.info.end_time  # the step's own, not the launcher's
             if run.info.status == "FAILED" != status:
                 client.set_terminated(run_id, status, end_time=end_time)
