@@ -18,9 +18,9 @@ import tempfile
 import click
 
 from steps.core.data import DataError
-from steps.tracking import options, tags
-from steps.tracking.cli import StepError, run_cli
-from steps.tracking.runs import log_cli_params, log_dataset, run_link, step_run
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.cli import StepError, run_cli
+from steps.tracking.runtime.runs import log_cli_params, log_dataset, run_link, step_run
 
 log = logging.getLogger("steps.download_data")
 

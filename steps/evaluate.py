@@ -25,11 +25,11 @@ import logging
 
 import click
 
-from steps.tracking import options, tags
-from steps.tracking.artifacts import load_data_artifact
-from steps.tracking.cli import run_cli
-from steps.tracking.evaluation import data_for_model, evaluate_and_log, resolve_model
-from steps.tracking.runs import log_cli_params, run_link, step_run
+from steps.tracking.inference.scorecard import data_for_model, evaluate_and_log, resolve_model
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.artifacts import load_data_artifact
+from steps.tracking.runtime.cli import run_cli
+from steps.tracking.runtime.runs import log_cli_params, run_link, step_run
 
 log = logging.getLogger("steps.evaluate")
 

@@ -9,11 +9,13 @@ Writes: params (every option); a child run per step under this run (``mlflow.par
         ``pipeline.registered_version``. The run is named for what it ran, e.g.
         ``digits mlp e5 lr=0.001``.
 
-The step cache (``steps/tracking/cache.py``) decides per step whether an earlier run serves and, when
-a step runs, prints one line saying why: what changed since that step's newest finished run.
-A train run with the same inputs that ended KILLED or FAILED holding a checkpoint is
-continued in place (``main: train resumes run ... at epoch 4 of 30``); ``use_cache=false``
-starts afresh.
+The step cache (``steps/tracking/pipeline/``) decides per step whether an earlier run serves
+and, when a step runs, prints one line saying why: what changed since that step's newest
+finished run (each step's run keeps it as ``pipeline.cache_decision``). A train run with the
+same inputs that ended KILLED or FAILED holding a checkpoint is continued in place (``main:
+train resumes run ... at epoch 4 of 30``); ``use_cache=false`` starts afresh. ``main``
+creates each step's run itself and hands it to MLflow's launcher
+(``steps/tracking/pipeline/launch.py``).
 
 This module does not import torch: it only orchestrates.
 """
@@ -25,18 +27,19 @@ from pathlib import Path
 
 import click
 
-from steps.tracking import options, tags
-from steps.tracking.cache import Pipeline
-from steps.tracking.cli import StepError, run_cli
-from steps.tracking.distributed import ScaleOut
-from steps.tracking.runs import (
+from steps.tracking.pipeline.launch import Pipeline
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.cli import StepError, run_cli
+from steps.tracking.runtime.runs import (
     absolutize_tracking_uri,
     describe_experiment,
+    launcher_run_name,
     log_cli_params,
     run_link,
     step_run,
 )
-from steps.tracking.store import check_store
+from steps.tracking.runtime.store import check_store
+from steps.tracking.training.elastic import ScaleOut
 
 log = logging.getLogger("steps.main")
 
@@ -73,25 +76,23 @@ def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_si
         data_dir = str(Path(data_dir).expanduser().resolve())
     absolutize_tracking_uri()
     check_store()
-    with step_run("main", run_name=run_name(dataset, arch, epochs, learning_rate)) as run:
+    # A name given to MLflow's launcher (`mlflow run --run-name`) is the user's: kept.
+    name = None if launcher_run_name() else run_name(dataset, arch, epochs, learning_rate)
+    with step_run("main", run_name=name) as run:
         describe_experiment(run.info.experiment_id)
         params = log_cli_params(data_dir=data_dir)
         pipeline = Pipeline(mlflow.MlflowClient(), run, use_cache)
-        data_run = pipeline.step("download_data", {"dataset": dataset, "data_dir": data_dir},
-                                 data_dir=data_dir)
+        given = pipeline.given(params)  # each step's share of main's parameters
+        data_run = pipeline.step("download_data", given("download_data"), data_dir=data_dir)
         data_uri = data_run.data.tags[tags.DATA_URI]
-        train_params = {name: params[name] for name in
-                        ("epochs", "learning_rate", "batch_size", "optimizer", "arch",
-                         "hidden", "seed", "patience", "workers", "max_restarts",
-                         "checkpoint_every")}
-        train_run = pipeline.step("train", {"data": data_uri, **train_params},
+        train_run = pipeline.step("train", {**given("train"), "data": data_uri},
                                   {"download_data": data_run})
         model_uri = train_run.data.tags[tags.MODEL_URI]
-        eval_run = pipeline.step("evaluate", {"model_uri": model_uri, "data": data_uri,
-                                              "model_name": model_name}, {"train": train_run})
-        register_run = pipeline.step("register", {
-            "model_uri": model_uri, "model_name": model_name, "min_delta": min_delta,
-            "min_score": "" if min_score is None else min_score}, {"evaluate": eval_run})
+        eval_run = pipeline.step("evaluate", {**given("evaluate"), "model_uri": model_uri,
+                                              "data": data_uri}, {"train": train_run})
+        register_run = pipeline.step("register", {**given("register"),
+                                                  "model_uri": model_uri},
+                                     {"evaluate": eval_run})
         done = {"download_data": data_run, "train": train_run, "evaluate": eval_run,
                 "register": register_run}
         version = register_run.data.tags.get(tags.REGISTERED_VERSION, "")

@@ -9,7 +9,7 @@ Writes: prints one line per image (label, confidence). Run alone, nothing to the
         point, that run records the call: tags ``pipeline.step`` (``predict``) and
         ``pipeline.model_uri``, metric ``predicted_images``, beside the launcher's params.
 
-Images are read as ``steps/tracking/images.py`` says (PNGs resized to 28x28, light
+Images are read as ``steps/tracking/inference/images.py`` says (PNGs resized to 28x28, light
 backgrounds inverted).
 """
 
@@ -19,10 +19,10 @@ import logging
 
 import click
 
-from steps.tracking import options, tags
-from steps.tracking.artifacts import load_pyfunc, unloadable
-from steps.tracking.cli import StepError, run_cli
-from steps.tracking.images import load_images
+from steps.tracking.inference.images import load_images
+from steps.tracking.inference.models import load_pyfunc, unloadable
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.cli import StepError, run_cli
 
 log = logging.getLogger("steps.predict")
 

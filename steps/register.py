@@ -21,8 +21,9 @@ Writes: a model version of ``--model-name`` (none if this model is already regis
         ``min_score``, ``force``;
         tags ``pipeline.step``, ``pipeline.registered_version``, ``pipeline.alias_decision``.
 
-The registry logic (race-safe alias moves, history, comparisons) is in
-``steps/tracking/registry.py``, the challenger report in ``steps/tracking/challenger.py``.
+The registry logic is in ``steps/tracking/registry/``: the versions (``versions.py``), the
+rule, the race-safe alias move and its history (``promotion.py``), the challenger report
+(``challenger.py``).
 """
 
 from __future__ import annotations
@@ -31,24 +32,22 @@ import logging
 
 import click
 
-from steps.tracking import options, tags
-from steps.tracking.challenger import log_challenger_report
-from steps.tracking.cli import StepError, run_cli
-from steps.tracking.registry import (
+from steps.tracking.registry.challenger import log_challenger_report
+from steps.tracking.registry.promotion import PromotionRule, force_alias, settle_alias
+from steps.tracking.registry.versions import (
     Candidate,
-    PromotionRule,
     candidates,
     current_holder,
     find_evaluation,
-    force_alias,
     holder_to_beat,
     register_version,
     registered_version,
-    settle_alias,
     stored_score,
     version_candidate,
 )
-from steps.tracking.runs import log_cli_params, run_link, step_run
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.cli import StepError, run_cli
+from steps.tracking.runtime.runs import log_cli_params, run_link, step_run
 
 log = logging.getLogger("steps.register")
 
@@ -94,10 +93,10 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str, min_delta: flo
                 # Judged as it will be stored, against the holder as it is now.
                 judged = Candidate(0, stored_score(scores[metric]),
                                    evaluation.data.tags[tags.DATA_DIGEST], model_uri, ci)
-                to_beat = holder_to_beat(client, model_name, alias, metric)
+                verdict = rule.judge(judged, holder_to_beat(client, model_name, alias, metric))
                 version = register_version(client, model_name, model_uri, evaluation,
-                                           rule.judge(judged, to_beat) if not force else
-                                           ("", ""))
+                                           ("", "") if force else
+                                           (verdict.status, verdict.reason()))
                 new = version_candidate(client, model_name, int(version.version), metric)
             holder = candidates(client, model_name, metric, barred=True).get(
                 current_holder(client, model_name, alias) or -1)
@@ -113,12 +112,12 @@ def cli(model_uri: str, model_name: str, alias: str, metric: str, min_delta: flo
                 f"{model_name} (permission denied); ask its owner for EDIT permission or "
                 "pass another model_name") from None
         mlflow.set_tags({tags.REGISTERED_VERSION: str(new.version),
-                         tags.ALIAS_DECISION: decision})
+                         tags.ALIAS_DECISION: decision.line()})
         report = ""
         if holder is not None and holder.version != new.version and holder.digest == new.digest:
             report = log_challenger_report(client, model_name, holder, new)
         log.info("register: %s version %s (%s %.4f)\n  %s%s\n  %s", model_name, new.version,
-                 metric, new.score, decision, f"\n  {report}" if report else "",
+                 metric, new.score, decision.line(), f"\n  {report}" if report else "",
                  run_link(run))
 
 

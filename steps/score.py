@@ -27,9 +27,9 @@ import os
 
 import click
 
-from steps.tracking import options, tags
-from steps.tracking.cli import run_cli
-from steps.tracking.runs import log_cli_params, run_link, step_run
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.cli import run_cli
+from steps.tracking.runtime.runs import log_cli_params, run_link, step_run
 
 log = logging.getLogger("steps.score")
 
@@ -51,12 +51,12 @@ def cli(model_uri: str, images: str, column: str, output: str, spark_master: str
     import mlflow
 
     from steps.core.plots import top_probability_figure
-    from steps.tracking.artifacts import (
+    from steps.tracking.inference.models import (
         resolve_version,
         verified_model_files,
         warn_of_other_requirements,
     )
-    from steps.tracking.scoring import (
+    from steps.tracking.inference.spark import (
         check_images,
         check_output,
         read_images,
@@ -68,7 +68,7 @@ def cli(model_uri: str, images: str, column: str, output: str, spark_master: str
 
     check_images(images)
     if output:
-        check_output(None, output)
+        check_output(output)
     with step_run("score") as run:
         output = output or f"scores/{run.info.run_id}.parquet"
         if "://" not in output:  # recorded where it is, wherever the next reader stands
@@ -80,10 +80,9 @@ def cli(model_uri: str, images: str, column: str, output: str, spark_master: str
         mlflow.set_tags({tags.MODEL_URI: scored_uri, tags.MODEL_VERSION: version,
                          tags.OUTPUT: output})
         with spark_session(spark_master, batch_size) as spark:
-            check_output(spark, output)
             frame, count = read_images(spark, images, column)
             log.info("score: %d images with %s on Spark %s", count, scored_uri, spark_master)
-            write_atomically(spark, score(spark, frame, str(model_dir), version), output)
+            write_atomically(score(spark, frame, str(model_dir), version), output)
             summary = summarize(spark, output)
         mlflow.log_metrics({
             "scored_images": summary["count"],

@@ -2,7 +2,7 @@
 
 Reads:  ``--data`` (a download_data artifact URI; empty = the newest finished download_data
         run of the experiment). The artifact's digest is verified before training.
-        The run's own checkpoint, when it has one (``steps/tracking/checkpoints.py``): a train run
+        The run's own checkpoint, when it has one (``steps/tracking/training/checkpoints.py``): a train run
         that ended KILLED or FAILED and is started again (``main`` does it; ``--resume
         RUN_ID`` alone) continues at the epoch after its checkpoint, in the same run.
 Writes: params (every option, plus the resolved data URI);
@@ -16,7 +16,7 @@ Writes: params (every option, plus the resolved data URI);
         model ``model`` (``mlflow.pytorch.log_model`` at ``step`` = the best epoch, linked
         to that epoch's metrics; pt2 format, TensorSpec signature:
         raw pixels float32 (-1, 28, 28) -> class probabilities float32 (-1, 10));
-        model ``classifier`` (pyfunc from ``steps/tracking/serving.py`` with the same weights and
+        model ``classifier`` (pyfunc from ``steps/tracking/inference/classifier.py`` with the same weights and
         ``steps/core/model.py``: raw images in any common layout -> ``label`` and
         ``probabilities``; this is what evaluate, register and serving use);
         input ``<dataset>-train`` (context ``training``);
@@ -24,7 +24,7 @@ Writes: params (every option, plus the resolved data URI);
         ``pipeline.dataset``, ``pipeline.resolved_device``, ``pipeline.model_uri`` (the
         classifier), ``pipeline.network_uri`` (the pt2 network).
 
-Scale-out (``steps/tracking/distributed.py``): ``--workers N`` trains with N data-parallel processes
+Scale-out (``steps/tracking/training/elastic.py``): ``--workers N`` trains with N data-parallel processes
 started by torch's elastic agent, ``batch_size`` staying the global batch; with
 ``--nodes M --node-rank R --rdzv-endpoint host:port`` the job spans M machines, meeting at
 node 0's c10d rendezvous. One run either way, owned by this process on node 0; local rank
@@ -50,11 +50,18 @@ import sys
 import click
 
 from steps.core.choices import parse_hidden
-from steps.tracking import distributed, options, tags
-from steps.tracking.checkpoints import check_resumable_run
-from steps.tracking.cli import StepError, run_cli
-from steps.tracking.fitting import train_replica, train_tracked
-from steps.tracking.runs import latest_finished_run, log_cli_params, param_differences, step_run
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.cli import StepError, run_cli
+from steps.tracking.runtime.runs import (
+    latest_finished_run,
+    log_cli_params,
+    param_differences,
+    step_run,
+    where_else,
+)
+from steps.tracking.training import elastic
+from steps.tracking.training.checkpoints import check_resumable_run
+from steps.tracking.training.fit import train_in_run, train_replica
 
 log = logging.getLogger("steps.train")
 
@@ -79,7 +86,7 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     """Train ARCH on the data artifact and log the best epoch's model."""
     from steps.core.training import TrainConfig, resolve_device
 
-    scale = distributed.ScaleOut(workers, nodes, node_rank, rdzv_endpoint, max_restarts)
+    scale = elastic.ScaleOut(workers, nodes, node_rank, rdzv_endpoint, max_restarts)
     try:
         scale.check(batch_size)
     except ValueError as exc:
@@ -88,26 +95,15 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                          optimizer=optimizer, arch=arch, hidden=parse_hidden(hidden),
                          seed=seed, device=device, patience=patience)
-    replica = distributed.launched_rank()
-    if replica is not None:  # one rank of a job our launcher started
-        try:
-            if distributed.is_tracking_rank(replica):
-                with distributed.joined_run() as run:
-                    train_tracked(run, data, config, val_fraction,
-                                  str(resolve_device(device)), replica, checkpoint_every,
-                                  restart=distributed.restart_count())
-            else:
-                train_replica(replica)
-        except BaseException as exc:
-            distributed.report_failure(exc)
-            raise
-        finally:
-            distributed.leave()
+    if elastic.started_by_our_agent():  # one rank of a job: the tracking rank logs
+        elastic.run_rank(lambda run, replica: train_in_run(
+            run, data, config, val_fraction, str(resolve_device(device)), replica,
+            checkpoint_every, restart=elastic.restart_count()), train_replica)
         return
     if node_rank > 0:  # a worker node: its ranks train, node 0 holds the run
         log.info("train: node %d of %d joining %s with %d worker(s); data and settings "
                  "come from node 0", node_rank, nodes, rdzv_endpoint, workers)
-        distributed.launch(scale, sys.argv[1:])
+        elastic.launch(scale, sys.argv[1:])
         return
     import mlflow
 
@@ -135,14 +131,15 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                 raise StepError(
                     "data is empty and this experiment has no finished download_data run; "
                     "run `mlflow run . -e download_data` first or pass data=runs:/<id>/data"
-                )
+                    + where_else(mlflow.MlflowClient(), "download_data",
+                                 run.info.experiment_id))
             data = f"runs:/{upstream.info.run_id}/data"
         log_cli_params(data=data)
         if scale.supervised:
             # The ranks train and log; this process waits, and ends the run for them.
-            distributed.launch(scale, [*sys.argv[1:], "--data", data], run.info.run_id)
+            elastic.launch(scale, [*sys.argv[1:], "--data", data], run.info.run_id)
         else:
-            train_tracked(run, data, config, val_fraction, resolved_device,
+            train_in_run(run, data, config, val_fraction, resolved_device,
                           checkpoint_every=checkpoint_every)
 
 

@@ -23,7 +23,7 @@ trials as nested runs of its own ``tune`` run, and every trial number is distinc
 Why Optuna and not the tutorials' hyperopt: Optuna is actively maintained, prunes hopeless
 trials from their per-epoch reports (hyperopt cannot), and its define-by-run API expresses
 conditional spaces (hidden sizes that mean different things for mlp and cnn) directly.
-The search space and the trial runs are in ``steps/tracking/sweep.py``.
+The search space and the trial runs are in ``steps/tracking/training/trials.py``.
 """
 
 from __future__ import annotations
@@ -32,20 +32,22 @@ import logging
 
 import click
 
-from steps.tracking import options, tags
-from steps.tracking.artifacts import load_data_artifact, log_models
-from steps.tracking.cache import Pipeline
-from steps.tracking.cli import StepError, first_line, run_cli
-from steps.tracking.redact import redact
-from steps.tracking.runs import (
+from steps.core.text import first_line
+from steps.tracking.inference.models import log_models
+from steps.tracking.pipeline.launch import Pipeline
+from steps.tracking.runtime import options, tags
+from steps.tracking.runtime.artifacts import load_data_artifact
+from steps.tracking.runtime.cli import StepError, run_cli
+from steps.tracking.runtime.redact import redact
+from steps.tracking.runtime.runs import (
     absolutize_tracking_uri,
     describe_experiment,
     log_cli_params,
     run_link,
     step_run,
 )
-from steps.tracking.store import check_store
-from steps.tracking.sweep import (
+from steps.tracking.runtime.store import check_store
+from steps.tracking.training.trials import (
     MISSED_BEATS,
     TRIAL_RUN_ATTR,
     Objective,
@@ -148,7 +150,7 @@ def open_storage(storage: str, heartbeat_interval: int = 0):
 
     With ``heartbeat_interval``, every running trial beats that often; one silent for
     :data:`MISSED_BEATS` beats (its worker killed or lost) is failed by the next worker to
-    start a trial, and retried (``steps.tracking.sweep.StaleTrials``).
+    start a trial, and retried (``steps.tracking.training.trials.StaleTrials``).
     """
     if not storage:
         return None

@@ -39,7 +39,7 @@ def champion(tmp_path_factory):
     """A store with one trained, evaluated and registered digits model (in-process, fast)."""
     import importlib
 
-    from steps.tracking.cli import run_cli
+    from steps.tracking.runtime.cli import run_cli
 
     root = tmp_path_factory.mktemp("champion")
     with temporary_store(root) as uri:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from steps.tracking.artifacts import requirement_mismatches
+from steps.tracking.inference.models import requirement_mismatches
 
 
 def test_requirement_mismatches_name_only_what_differs(tmp_path):

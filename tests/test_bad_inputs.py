@@ -21,7 +21,7 @@ import torch
 from helpers.data import write_idx_folder
 from helpers.processes import assert_clean_failure, mlflow_run, run_step
 from helpers.store import temporary_store
-from steps.tracking.cli import run_cli
+from steps.tracking.runtime.cli import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -36,7 +35,8 @@ from helpers.processes import (
 )
 from helpers.store import temporary_store, wait_for_training
 from steps.core import training
-from steps.tracking import tags
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.runs import ended
 
 EPOCHS = 4
 # Small batches make an epoch of the digits last a second or two: long enough to be
@@ -154,7 +154,7 @@ def test_a_continued_run_logs_every_epoch_exactly_once(tracking_uri, tiny_split)
     checkpoint, with checkpoint_every > 1) are not logged again."""
     from types import SimpleNamespace
 
-    from steps.tracking.fitting import fit_and_log
+    from steps.tracking.training.fit import fit_and_log
 
     x, y, _, _ = tiny_split
     dataset = SimpleNamespace(x_train=x, y_train=y, name="tiny")
@@ -238,20 +238,22 @@ def store(tmp_path):
         yield uri
 
 
-def _kill_during_epoch_3(cmd: list[str], sig: signal.Signals):
+def _kill_during_epoch_3(cmd: list[str], sig: signal.Signals, stored: str = "KILLED"):
     """Start ``cmd`` in a process group of its own, send ``sig`` to the whole group as
-    soon as epoch 2 is logged, wait for the group to go; return the train run then."""
+    soon as epoch 2 is logged, wait for the group to go; return the train run then.
+    ``stored``: the status the store shows after SIGTERM (FAILED where the train run is
+    the one a bare ``mlflow run`` launched: MLflow's launcher writes it; KILLED where
+    ``main`` launched it)."""
     proc = start(cmd)
     wait_for_training(epoch=2, poll=0.05, proc=proc)
     os.killpg(proc.pid, sig)
     proc.communicate(timeout=90)
     assert_group_gone(proc.pid)
-    if sig != signal.SIGKILL:  # MLflow's launcher writes FAILED; the step puts KILLED back
-        deadline = time.monotonic() + 20
-        while _train_run().info.status != "KILLED" and time.monotonic() < deadline:
-            time.sleep(0.2)
     run = _train_run()
-    assert run.info.status == ("RUNNING" if sig == signal.SIGKILL else "KILLED")
+    if sig == signal.SIGKILL:
+        assert run.info.status == "RUNNING"  # nothing was left to close it
+    else:
+        assert (run.info.status, ended(run).status) == (stored, "KILLED")
     # Killed during epoch 3: two epochs logged, the checkpoint is epoch 2's.
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(
         run.info.run_id, "val_accuracy")] == [1, 2]
@@ -330,7 +332,7 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_nothing_trains_on_it(st
     data = _download_digits()
     train = [os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e", "train",
              "--env-manager", "local", *_train_params(data)]
-    killed = _kill_during_epoch_3(train, signal.SIGTERM)
+    killed = _kill_during_epoch_3(train, signal.SIGTERM, stored="FAILED")
     pointer = json.loads(killed.data.tags[tags.CHECKPOINT])
     saved = Path(killed.info.artifact_uri.removeprefix("file://"), pointer["path"])
     saved.write_bytes(saved.read_bytes()[: pointer["bytes"] // 2])  # a torn file
@@ -377,7 +379,7 @@ def _make_train_run(status: str, checkpoint: bool = True, **params: str) -> str:
 ])
 def test_resume_refuses_what_it_cannot_continue_naming_the_parameter(tracking_uri, capsys,
                                                                      make, expected):
-    from steps.tracking.cli import run_cli
+    from steps.tracking.runtime.cli import run_cli
     from steps.train import cli
 
     run_id = make()

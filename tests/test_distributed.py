@@ -40,8 +40,8 @@ from helpers.processes import (
     subprocess_env,
 )
 from helpers.store import temporary_store, wait_for_training
-from steps.tracking import distributed, tags
-from steps.tracking.cli import StepError
+from steps.tracking.runtime import tags
+from steps.tracking.training import elastic
 from tools.job_ranks import ranks_of
 
 EPOCHS = 4
@@ -57,9 +57,15 @@ def test_cuda_wants_one_gpu_per_worker(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="workers=2 needs 2 CUDA GPUs.*it has 1"):
-        distributed.ScaleOut(workers=2).check_devices("cuda")
-    distributed.ScaleOut(workers=2).check_devices("cpu")
-    distributed.ScaleOut(workers=1).check_devices("cuda")
+        elastic.ScaleOut(workers=2).check_devices("cuda")
+    elastic.ScaleOut(workers=2).check_devices("cpu")
+    elastic.ScaleOut(workers=1).check_devices("cuda")
+
+
+def _report(at: float, detail: str, interrupted: bool = False, final: bool = False) -> dict:
+    """A rank's error file as :func:`elastic.report_failure` leaves it."""
+    return {"message": detail, "timestamp": int(at), "pipeline_time": at,
+            "interrupted": interrupted, "final": final, "detail": detail}
 
 
 def _failure(tmp_path: Path, rank: int, exitcode: int, report: dict | None):
@@ -68,47 +74,112 @@ def _failure(tmp_path: Path, rank: int, exitcode: int, report: dict | None):
     tmp_path.mkdir(exist_ok=True)
     error_file = tmp_path / f"error-{rank}.json"
     if report is not None:
-        error_file.write_text(json.dumps({"timestamp": int(report["pipeline_time"]),
-                                          **report}))
+        error_file.write_text(json.dumps(report))
     return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode,
                           error_file=str(error_file))
 
 
+LOST_PEER = _report(20.0, "RuntimeError: Connection closed by peer")
+BAD_DATA = _report(10.0, "data=runs:/x/data cannot be read", final=True)
+
+
 def test_root_cause_is_the_rank_that_failed_first_not_the_one_that_lost_its_peer(tmp_path):
-    lost_peer = {"message": "failed: RuntimeError: Connection closed by peer",
-                 "pipeline_time": 20.0, "interrupted": False}
-    cause = {"message": "failed: data=runs:/x/data cannot be read", "pipeline_time": 10.0,
-             "interrupted": False}
-    failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, 1, cause)}
-    assert distributed.root_cause(failures) == (
-        "rank 1 failed: data=runs:/x/data cannot be read", False)
+    failures = {0: _failure(tmp_path, 0, 1, LOST_PEER), 1: _failure(tmp_path, 1, 1, BAD_DATA)}
+    assert elastic.root_cause(failures) == elastic.RankFailure(
+        elastic.FAILED, 1, "data=runs:/x/data cannot be read", final=True)
     # A rank killed outright (OOM killer, kill -9) is the cause whatever the others wrote.
-    failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, -9, None)}
-    assert distributed.root_cause(failures) == (
-        "rank 1 was killed by signal SIGKILL", False)
+    failures = {0: _failure(tmp_path, 0, 1, LOST_PEER), 1: _failure(tmp_path, 1, -9, None)}
+    assert elastic.root_cause(failures) == elastic.RankFailure(
+        elastic.KILLED_BY_SIGNAL, 1, "SIGKILL")
     # SIGTERM to one rank ends the job as an interrupt.
-    stopped = {"message": "was interrupted (SIGTERM)", "pipeline_time": 5.0,
-               "interrupted": True}
-    failures = {0: _failure(tmp_path, 0, 1, lost_peer), 1: _failure(tmp_path, 1, 130, stopped)}
-    assert distributed.root_cause(failures) == (
-        "rank 1 was interrupted (SIGTERM)", True)
+    stopped = _report(5.0, "SIGTERM", interrupted=True)
+    failures = {0: _failure(tmp_path, 0, 1, LOST_PEER), 1: _failure(tmp_path, 1, 130, stopped)}
+    assert elastic.root_cause(failures) == elastic.RankFailure(elastic.INTERRUPTED, 1,
+                                                               "SIGTERM")
+    # No report at all, and no signal: the first to exit, by its exit code.
+    failures = {0: _failure(tmp_path / "q", 0, 3, None)}
+    assert elastic.root_cause(failures) == elastic.RankFailure(elastic.FAILED, 0,
+                                                               "exited with code 3")
 
 
-def test_a_failure_no_restart_can_mend_ends_the_job_at_once(tmp_path):
-    """A rank's StepError (bad data, diverged training) would meet every restart again;
-    a killed rank or a lost peer is what restarts are for."""
-    lost_peer = {"message": "failed: RuntimeError: Connection closed by peer",
-                 "pipeline_time": 20.0, "interrupted": False, "final": False}
-    bad_data = {"message": "failed: data=runs:/x/data cannot be read", "pipeline_time": 10.0,
-                "interrupted": False, "final": True}
-    restarts = distributed.Restarts(max_restarts=3, run_id="")
-    with pytest.raises(StepError, match=r"^rank 1 failed: data=runs:/x/data cannot be read$"):
-        restarts({0: _failure(tmp_path / "a", 0, 1, lost_peer),
-                  1: _failure(tmp_path / "a", 1, 1, bad_data)})
-    assert restarts.count == 0
-    restarts({0: _failure(tmp_path / "b", 0, 1, lost_peer),
-              1: _failure(tmp_path / "b", 1, -9, None)})
-    assert restarts.count == 1
+def test_each_rank_failure_reads_as_one_line():
+    """The wording, checked once; everything else asserts on the kinds."""
+    said = {kind: elastic.RankFailure(kind, 1, detail).said() for kind, detail in (
+        (elastic.KILLED_BY_SIGNAL, "SIGKILL"), (elastic.NO_REPORT, ""),
+        (elastic.INTERRUPTED, "SIGTERM"), (elastic.ELSEWHERE, ""),
+        (elastic.FAILED, "data=runs:/x/data cannot be read"))}
+    assert said == {
+        elastic.KILLED_BY_SIGNAL: "rank 1 was killed by signal SIGKILL",
+        elastic.NO_REPORT: "rank 1 was killed without a word (it left no error report: "
+                           "SIGKILL, the OOM killer or a crash)",
+        elastic.INTERRUPTED: "rank 1 was interrupted (SIGTERM)",
+        elastic.ELSEWHERE: "a rank on another node failed, or a node joined the job",
+        elastic.FAILED: "rank 1 failed: data=runs:/x/data cannot be read"}
+
+
+def _restarted_rank(tmp_path: Path, monkeypatch, previous: dict[int, dict | None]) -> None:
+    """This process as local rank 0 of a node's second attempt, the first attempt's ranks
+    having left ``previous`` (local rank -> report, None: no file) where torch's
+    DefaultLogsSpecs puts them."""
+    for local, report in previous.items():
+        folder = tmp_path / "mnist-train" / "attempt_0" / str(local)
+        folder.mkdir(parents=True)
+        if report is not None:
+            (folder / "error.json").write_text(json.dumps(report))
+    mine = tmp_path / "mnist-train" / "attempt_1" / "0"
+    mine.mkdir(parents=True)  # torch makes each rank's folder before starting it
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(mine / "error.json"))
+    for name, value in (("TORCHELASTIC_RESTART_COUNT", "1"), ("RANK", "0"),
+                        ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", str(len(previous)))):
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("previous, cause", [
+    ({0: LOST_PEER, 1: None}, elastic.RankFailure(elastic.NO_REPORT, 1)),
+    ({0: LOST_PEER, 1: BAD_DATA},
+     elastic.RankFailure(elastic.FAILED, 1, "data=runs:/x/data cannot be read", final=True)),
+    ({0: _report(3.0, "SIGTERM", interrupted=True), 1: _report(4.0, "SIGTERM", True)},
+     elastic.RankFailure(elastic.ELSEWHERE)),
+])
+def test_a_restarted_rank_reads_why_from_the_previous_attempts_error_files(
+        tmp_path, monkeypatch, previous, cause):
+    _restarted_rank(tmp_path, monkeypatch, previous)
+    assert elastic.previous_attempt() == cause
+
+
+def test_a_failure_no_restart_can_mend_ends_the_next_attempt_at_once(tmp_path, monkeypatch):
+    """A rank's StepError (bad data, diverged training) would meet every restart again: the
+    restarted rank repeats it as that rank's failure before joining the group, and leaves
+    it in its own error file, so the job ends naming the first cause."""
+    _restarted_rank(tmp_path, monkeypatch, {0: LOST_PEER, 1: BAD_DATA})
+    monkeypatch.setattr(elastic, "follow_the_agent", lambda: None)  # no agent here
+    with pytest.raises(elastic.RepeatedFailure) as raised:
+        elastic.join_job()
+    assert raised.value.failure.rank == 1 and raised.value.failure.final
+    elastic.report_failure(raised.value)
+    left = json.loads(Path(os.environ["TORCHELASTIC_ERROR_FILE"]).read_text())
+    assert (left["rank"], left["detail"], left["final"]) == (
+        1, "data=runs:/x/data cannot be read", True)
+
+
+def test_fifty_long_restart_causes_keep_the_newest_that_fit_mlflows_tag_limit(tracking_uri):
+    """MLflow cuts a tag at 8,000 characters: the record tags keep valid JSON of the newest
+    records, each text shortened."""
+    from steps.tracking.runtime.runs import RECORD_TEXT_LIMIT, TAG_VALUE_LIMIT, add_record, records
+
+    client = mlflow.MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    for n in range(50):
+        add_record(run_id, tags.RESTARTS, {"restart": n, "because": f"{n}: " + "x" * 2000})
+        add_record(run_id, tags.RESUMES, {"after": "KILLED", "because": f"{n}: " + "y" * 900})
+    stored = client.get_run(run_id).data.tags
+    for tag in (tags.RESTARTS, tags.RESUMES):
+        assert len(stored[tag]) <= TAG_VALUE_LIMIT
+        kept = records(stored, tag)
+        assert len(kept) >= 10, tag  # shortened, enough of them fit
+        assert [r.get("restart", int(r["because"].split(":")[0])) for r in kept] == list(
+            range(50 - len(kept), 50))  # the newest, in order
+        assert all(len(r["because"]) <= RECORD_TEXT_LIMIT for r in kept)
 
 
 def _multinode_script() -> str:
@@ -129,7 +200,7 @@ def test_the_multinode_manifest_wires_pods_to_the_rendezvous():
     host, port = config["RDZV_ENDPOINT"].split(":")
     assert host == f"{docs['Job']['metadata']['name']}-0.{service['metadata']['name']}"
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
-    distributed.ScaleOut(int(config["WORKERS"]), int(config["NODES"]), 1,
+    elastic.ScaleOut(int(config["WORKERS"]), int(config["NODES"]), 1,
                          config["RDZV_ENDPOINT"]).check(64)
 
 

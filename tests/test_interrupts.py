@@ -1,6 +1,10 @@
 """Interrupts: SIGTERM to a step mid-epoch, Ctrl-C (SIGINT to the process group) on
 ``mlflow run .`` and on a sweep. Afterwards no run is RUNNING, the exit status is non-zero,
-nothing is registered and no process of the group is left."""
+nothing is registered and no process of the group is left.
+
+The runs the project creates (each step ``main`` launches, the trials of a sweep) end
+KILLED. The run of the ``mlflow run`` a user types is MLflow's: its launcher marks it FAILED
+after any non-zero exit, and ``pipeline.ended_as`` keeps what the step said (KILLED)."""
 
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import sys
 import time
 
 import mlflow
+import psutil
 import pytest
 
 from helpers.processes import PROJECT_DIR, VENV_BIN, assert_group_gone, start
 from helpers.store import temporary_store, wait_for_training
-from steps.tracking.cli import run_cli
-from steps.tracking.runs import LAUNCHER_GRACE_S
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import run_cli
+from steps.tracking.runtime.runs import ended
 
 pytestmark = pytest.mark.slow
 
@@ -49,54 +55,32 @@ def test_sigterm_to_train_mid_epoch_marks_the_run_killed(store):
     assert_nothing_left_behind()
 
 
-def statuses_once_settled(timeout: float = LAUNCHER_GRACE_S + 10) -> dict[str, str]:
-    """Each step's run status, once none is RUNNING and the launcher's FAILED (written after
-    the step ended its run KILLED) has been put right; the last read after ``timeout``
-    (the helper that puts it right may take its whole grace on a busy machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = mlflow.MlflowClient().search_runs(["0"])
-        statuses = {r.data.tags.get("pipeline.step"): r.info.status for r in runs}
-        if time.monotonic() > deadline or (
-                "RUNNING" not in statuses.values() and "FAILED" not in statuses.values()):
-            return statuses
-        time.sleep(0.5)
+def statuses() -> dict[str, tuple[str, str]]:
+    """Each step's run: (its status in the store, how it ended by its own account)."""
+    runs = mlflow.MlflowClient().search_runs(["0"])
+    return {r.data.tags.get(tags.STEP): (r.info.status, ended(r).status) for r in runs}
 
 
-def test_sigterm_to_train_under_mlflow_run_leaves_the_run_killed(store):
-    """MLflow's launcher writes FAILED over the step's KILLED after the step exits; the
-    store must still say what the console said."""
+def test_sigterm_to_train_under_mlflow_run_leaves_the_launchers_failed_and_says_killed(store):
+    """MLflow's launcher writes FAILED over the step's KILLED after the step exits (its
+    rule, accepted); the run's own account still says what the console said."""
     run_cli(importlib.import_module("steps.download_data").cli, ["--dataset", "digits"])
     data = mlflow.MlflowClient().search_runs(["0"])[0].info.run_id
     proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e", "train",
                   "--env-manager", "local", "-P", f"data=runs:/{data}/data", "-P", "epochs=500",
                   "-P", "batch_size=4"])
     wait_for_training(proc=proc)
-    trainer = next(p for p in _children(proc.pid) if "steps.train" in p[1])
-    os.kill(trainer[0], signal.SIGTERM)
+    trainer = next(p for p in psutil.Process(proc.pid).children()
+                   if "steps.train" in " ".join(p.cmdline()))
+    trainer.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "the run is marked KILLED" in stderr
-    assert statuses_once_settled() == {"download_data": "FINISHED", "train": "KILLED"}
+    assert statuses() == {"download_data": ("FINISHED", "FINISHED"),
+                          "train": ("FAILED", "KILLED")}
+    run = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'train'")[0]
+    assert run.data.tags[tags.ENDED_BECAUSE] == "interrupted (SIGTERM)"
     assert_nothing_left_behind()
-
-
-def _children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-        if parent == pid:
-            found.append((int(entry), command))
-    return found
 
 
 def test_ctrl_c_on_mlflow_run_kills_the_whole_pipeline(store):
@@ -108,10 +92,12 @@ def test_ctrl_c_on_mlflow_run_kills_the_whole_pipeline(store):
     assert proc.returncode != 0
     assert_group_gone(proc.pid)
     assert_nothing_left_behind()
-    statuses = statuses_once_settled()
-    assert statuses["download_data"] == "FINISHED"
-    assert statuses["train"] == "KILLED" and statuses["main"] == "KILLED"
-    assert "evaluate" not in statuses and "register" not in statuses
+    found = statuses()
+    assert found["download_data"] == ("FINISHED", "FINISHED")
+    # main created the train run and put KILLED back over its launcher's FAILED; main's own
+    # run is the launcher's.
+    assert found["train"] == ("KILLED", "KILLED") and found["main"] == ("FAILED", "KILLED")
+    assert "evaluate" not in found and "register" not in found
 
 
 def test_ctrl_c_on_a_sweep_leaves_no_trial_running(store):
@@ -124,54 +110,34 @@ def test_ctrl_c_on_a_sweep_leaves_no_trial_running(store):
     assert proc.returncode != 0
     assert_group_gone(proc.pid)
     assert_nothing_left_behind()
-    trials = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'tune_trial'")
-    assert trials and trials[-1].info.status in ("FINISHED", "KILLED")
-    assert "KILLED" in {t.info.status for t in trials}
+    trials = mlflow.MlflowClient().search_runs(["0"], "tags.`pipeline.step` = 'tune_trial'",
+                                               order_by=["attributes.start_time DESC"])
+    # The newest trial was the one training when Ctrl-C came; every older one had finished.
+    assert trials and trials[0].info.status == "KILLED"
+    assert {t.info.status for t in trials[1:]} <= {"FINISHED"}
+    assert ended(trials[0]).because.startswith("interrupted")
 
 
 def test_a_second_signal_while_the_run_closes_leaves_it_killed(store, monkeypatch):
     """One Ctrl-C brings ``main`` two signals: the terminal's SIGINT, then its launcher's
     SIGTERM. Under load the second arrived while the run was being closed, cut that short,
-    and the launcher's FAILED stayed (seen with three test workers). Here it comes at that
-    very moment, in-process."""
-    from steps.tracking import runs
+    and the run stayed RUNNING (seen with three test workers). Here it comes at that very
+    moment, in-process."""
+    from steps.tracking.runtime import runs
 
-    note_ending = runs._note_ending
+    end_active_run = runs.end_active_run
 
-    def note_while_the_launcher_sends_sigterm(reason: str) -> None:
+    def end_while_the_launcher_sends_sigterm(ending) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
-        note_ending(reason)
+        end_active_run(ending)
 
-    monkeypatch.setattr(runs, "_note_ending", note_while_the_launcher_sends_sigterm)
+    monkeypatch.setattr(runs, "end_active_run", end_while_the_launcher_sends_sigterm)
     with pytest.raises(KeyboardInterrupt), interrupts_as_in_a_step(), runs.step_run("main"):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("SIGINT")
     run = mlflow.MlflowClient().search_runs(["0"])[0]
     assert run.info.status == "KILLED"
-    assert run.data.tags["pipeline.ended_because"].startswith("interrupted")
-
-
-def test_a_run_continued_before_the_status_keeper_looks_keeps_its_own_failure(store,
-                                                                             monkeypatch):
-    """A step its launcher started, interrupted, leaves a process that puts KILLED back
-    over the launcher's FAILED. A launcher killed by the same SIGTERM writes nothing, and on
-    a busy machine that process may first look after the next step continued the run and
-    failed it (a corrupt checkpoint refused): that FAILED stays (seen in CI)."""
-    from steps.tracking import runs
-    from steps.tracking.cli import StepError
-
-    launched = mlflow.MlflowClient().create_run("0").info.run_id
-    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
-    with pytest.raises(KeyboardInterrupt), interrupts_as_in_a_step(), runs.step_run("train"):
-        raise KeyboardInterrupt
-    with pytest.raises(StepError), runs.step_run("train", run_id=launched):
-        raise StepError("its checkpoint is corrupt")
-    deadline = time.monotonic() + LAUNCHER_GRACE_S + 10
-    while any("restore_status" in command for _, command in _children(os.getpid())):
-        assert time.monotonic() < deadline, "the status keeper did not end"
-        time.sleep(0.2)
-    run = mlflow.MlflowClient().get_run(launched)
-    assert run.info.status == "FAILED"
-    assert [r["after"] for r in runs.records(run.data.tags, "pipeline.resumes")] == ["KILLED"]
+    assert ended(run).cause == runs.INTERRUPTED
+    assert run.data.tags[tags.ENDED_BECAUSE] == "interrupted (SIGINT)"
 
 
 def test_after_the_first_interrupt_a_signal_raises_nowhere():
@@ -194,7 +160,7 @@ def test_after_the_first_interrupt_a_signal_raises_nowhere():
 def interrupts_as_in_a_step():
     """SIGINT and SIGTERM handled in this process as ``run_cli`` handles them in a step's,
     then given back."""
-    from steps.tracking.cli import handle_interrupts
+    from steps.tracking.runtime.cli import handle_interrupts
 
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     handle_interrupts()

@@ -16,7 +16,7 @@ import pytest
 
 from helpers.data import write_idx_folder
 from helpers.processes import run_step, subprocess_env
-from steps.tracking import tags
+from steps.tracking.runtime import tags
 from tools.peak_rss import run_with_peak_rss
 
 SIZES = (4_000, 44_000)

@@ -11,7 +11,7 @@ import pytest
 
 from helpers.processes import mlflow_run
 from helpers.store import temporary_store
-from steps.tracking import tags
+from steps.tracking.runtime import tags
 
 pytestmark = pytest.mark.slow
 

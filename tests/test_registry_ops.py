@@ -11,8 +11,8 @@ import pytest
 
 from helpers.processes import assert_clean_failure, run_entry, run_step
 from helpers.store import temporary_store
-from steps.tracking import tags
-from steps.tracking.registry import alias_history
+from steps.tracking.registry.promotion import alias_history
+from steps.tracking.runtime import tags
 
 pytestmark = pytest.mark.slow
 

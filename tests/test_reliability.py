@@ -26,9 +26,9 @@ from helpers.processes import (
 )
 from helpers.store import TrackingServer, temporary_store, wait_for_training
 from steps.download_data import cli as download_data
-from steps.tracking import tags
-from steps.tracking.cli import run_cli
-from steps.tracking.runs import _process_start, close_orphans
+from steps.tracking.runtime.runs import close_orphans, process_tags
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import run_cli
 
 PIPELINE = ["-P", "dataset=digits", "-P", "epochs=500", "-P", "batch_size=4"]
 
@@ -39,12 +39,11 @@ def running_run(client, **run_tags: str):
 
 def test_only_runs_of_gone_processes_on_this_host_are_closed(tracking_uri):
     client = mlflow.MlflowClient()
-    host, me = socket.gethostname(), os.getpid()
+    host = socket.gethostname()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    alive = running_run(client, **{tags.HOST: host, tags.PID: str(me),
-                                   tags.PID_STARTED: _process_start(me)})
-    reused_pid = running_run(client, **{tags.HOST: host, tags.PID: str(me),
+    alive = running_run(client, **process_tags())
+    reused_pid = running_run(client, **{tags.HOST: host, tags.PID: str(os.getpid()),
                                         tags.PID_STARTED: "1"})  # same pid, older process
     gone = running_run(client, **{tags.HOST: host, tags.PID: str(dead.pid)})
     elsewhere = running_run(client, **{tags.HOST: "another-host", tags.PID: str(dead.pid)})
@@ -270,7 +269,7 @@ def test_an_experiment_another_launcher_created_meanwhile_is_taken_as_created(tr
     """``mlflow run`` checks for the experiment, then creates it: a launcher started at the
     same moment can create it in between (a window of milliseconds; seen with eight
     pipelines). The preflight's creation takes the other's as success."""
-    from steps.tracking.store import ensure_experiment
+    from steps.tracking.runtime.store import ensure_experiment
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mnist-pipeline")
     mlflow.MlflowClient().create_experiment("mnist-pipeline")  # the other launcher's
@@ -285,4 +284,8 @@ def test_an_experiment_another_launcher_created_meanwhile_is_taken_as_created(tr
     ensure_experiment(tracking_uri)
     assert len(calls) == 2  # looked, lost the race to create it, looked again
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
-    ensure_experiment(tracking_uri)  # no name: nothing to do
+    calls.clear()
+    ensure_experiment(tracking_uri)  # no name: nothing to do, nothing looked up
+    assert calls == []
+    assert {e.name for e in mlflow.MlflowClient().search_experiments()} == {
+        "mnist-pipeline", "Default"}

@@ -27,9 +27,9 @@ from helpers.processes import (
     start_listening,
     subprocess_env,
 )
-from steps.tracking import tags
-from steps.tracking.cli import StepError, run_cli, setup_logging
-from steps.tracking.redact import redact
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import StepError, run_cli, setup_logging
+from steps.tracking.runtime.redact import redact
 
 ADMIN_PASSWORD = "Adm1n-pw-n0t-default-7Q"
 USER_PASSWORD = "B0b-pw-s3cret-9Z"
@@ -281,7 +281,7 @@ def test_a_slow_server_is_waited_for_and_a_refusing_one_is_not(monkeypatch):
     import http.server
     import threading
 
-    from steps.tracking import store
+    from steps.tracking.runtime import store
 
     class SlowAnswer(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

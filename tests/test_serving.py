@@ -28,7 +28,7 @@ from helpers.processes import (
     subprocess_env,
 )
 from steps.core.data import load_digits_dataset
-from steps.tracking.cli import run_cli
+from steps.tracking.runtime.cli import run_cli
 
 
 @pytest.fixture(scope="module")

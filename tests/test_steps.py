@@ -20,7 +20,7 @@ import torch
 from helpers.data import write_idx_folder
 from helpers.processes import run_entry, run_step
 from helpers.store import temporary_store
-from steps.tracking import tags
+from steps.tracking.runtime import tags
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 from helpers.data import write_idx_folder
 from helpers.processes import assert_clean_failure, mlflow_run, run_step, start
 from helpers.store import temporary_store
-from steps.tracking import tags
+from steps.tracking.runtime import tags
 
 pytestmark = pytest.mark.slow
 

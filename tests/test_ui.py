@@ -20,7 +20,7 @@ from helpers.processes import (
     start_listening,
 )
 from helpers.store import temporary_store
-from steps.tracking import tags
+from steps.tracking.runtime import tags
 
 pytestmark = pytest.mark.slow
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from steps.core.choices import DATASETS
+from steps.core.text import described
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def download_idx(
                 try:
                     download_url(mirror + filename, str(dest), filename=filename, md5=md5)
                 except Exception as exc:  # URLError, HTTPError, md5 RuntimeError, timeouts
-                    errors.append(f"{mirror}: {_one_line(exc)}")
+                    errors.append(f"{mirror}: {described(exc)}")
                     if target.exists() and not check_integrity(str(target), md5):
                         target.unlink()
                     continue
@@ -233,11 +234,6 @@ def download_idx(
     finally:
         socket.setdefaulttimeout(previous_timeout)
     return dest
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 MIRRORS_ENV = "MNIST_PIPELINE_MIRRORS"
@@ -350,7 +346,7 @@ def load_saved_dataset(folder: str | os.PathLike) -> Dataset:
         with np.load(data_path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{folder}: unreadable dataset artifact ({_one_line(exc)})") from None
+        raise DataError(f"{folder}: unreadable dataset artifact ({described(exc)})") from None
     ds = Dataset(
         name=manifest.get("name", "unknown"),
         classes=tuple(manifest.get("classes", CLASS_NAMES["mnist"])),

@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+from helpers.waiting import wait_until
+from steps.tracking.runtime.project import PROJECT_DIR
+
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -125,15 +126,18 @@ def start_listening(command, log: Path, health: str, *, port: int | None = None,
 
 def wait_for_http(url: str, proc: subprocess.Popen, describe, timeout: float = 120) -> None:
     """Poll ``url`` until it answers; fail with ``describe()`` if ``proc`` dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2):
-                return
+                return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{url} never answered:\n{describe()}") from None
-            time.sleep(0.5)
+            return False
+
+    try:
+        wait_until(answers, timeout, f"{url} to answer", poll=0.5,
+                   give_up=lambda: proc.poll() is not None and f"exit {proc.returncode}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{describe()}") from None
 
 
 def _default_interrupts() -> None:
@@ -150,12 +154,15 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 
 def assert_group_gone(pgid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def gone() -> bool:
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError("processes of the interrupted run were still alive")
+            return True
+        return False
+
+    try:
+        wait_until(gone, timeout, "the processes of the interrupted run to end")
+    except AssertionError:
+        os.killpg(pgid, signal.SIGKILL)
+        raise

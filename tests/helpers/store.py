@@ -10,11 +10,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from helpers.processes import VENV_BIN, free_port, start_listening
-from steps.tracking.store import prepare_store
+from helpers.waiting import wait_until
+from steps.tracking.runtime.store import prepare_store
 
 
 @contextlib.contextmanager
@@ -69,23 +69,29 @@ def wait_for_training(timeout: float = 120, step: str = "train", epoch: int = 1,
     import mlflow
 
     client = mlflow.MlflowClient()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def reached():
         for run in client.search_runs(["0"], f"tags.`pipeline.step` = '{step}'"):
             if "val_accuracy" in run.data.metrics and (epoch == 1 or any(
                     m.step >= epoch for m in
                     client.get_metric_history(run.info.run_id, "val_accuracy"))):
                 return run
+        return None
+
+    def ended() -> str | None:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended (exit {proc.returncode}) before a "
-                                 f"{step} run reached epoch {epoch}:\n{_said(proc)}")
-        time.sleep(poll)
-    said = ""
-    if proc is not None:
+            return f"the process ended (exit {proc.returncode}):\n{_said(proc)}"
+        return None
+
+    try:
+        return wait_until(reached, timeout, f"a {step} run to reach epoch {epoch}",
+                          poll=poll, give_up=ended)
+    except AssertionError as exc:
+        if proc is None or proc.returncode is not None:
+            raise
         with contextlib.suppress(ProcessLookupError):  # its session, as start() made it
             os.killpg(proc.pid, signal.SIGKILL)
-        said = f"; the process said:\n{_said(proc)}"
-    raise AssertionError(f"no {step} run reached epoch {epoch} in {timeout}s{said}")
+        raise AssertionError(f"{exc}; the process said:\n{_said(proc)}") from None
 
 
 class TrackingServer:

@@ -4,7 +4,7 @@ MLflow's launcher talks to the tracking server (creating the run) before any pro
 runs: an unreachable server costs minutes of retries, a refused login a traceback. MLflow
 asks every registered request-header provider before each request, so this provider, in
 the launcher process only, checks the server once with the project's own check
-(``steps.tracking.store.check_tracking_server``) and ends the process with its one-line error.
+(``steps.tracking.runtime.store.check_tracking_server``) and ends the process with its one-line error.
 It adds no header; when the tracking URI carries a password it also stops MLflow from
 printing run links that show it.
 
@@ -55,15 +55,15 @@ def main() -> None:
                          "project folder")
     import click
 
-    from steps.tracking.cli import run_cli
-    from steps.tracking.store import prepare
+    from steps.tracking.runtime.cli import run_cli
+    from steps.tracking.runtime.store import prepare
 
     @click.command()
     @click.option("--model", default="", help="A model URI that must be loadable.")
     def cli(model: str) -> None:
         prepare()
         if model:
-            from steps.tracking.artifacts import check_servable
+            from steps.tracking.inference.models import check_servable
 
             check_servable(model)
 
@@ -87,9 +87,9 @@ class Preflight(RequestHeaderProvider):
 
         import mlflow
 
-        from steps.tracking.cli import StepError, _fail
-        from steps.tracking.redact import redact
-        from steps.tracking.store import check_tracking_server, ensure_experiment
+        from steps.tracking.runtime.cli import StepError, fail
+        from steps.tracking.runtime.redact import redact
+        from steps.tracking.runtime.store import check_tracking_server, ensure_experiment
 
         uri = mlflow.get_tracking_uri()
         if redact(uri) != uri:
@@ -102,7 +102,7 @@ class Preflight(RequestHeaderProvider):
             ensure_experiment(uri)
         except StepError as exc:
             # SystemExit, not an Exception: MLflow's registry logs and skips the latter.
-            raise SystemExit(_fail(str(exc), 1)) from None
+            raise SystemExit(fail(str(exc), 1)) from None
         return False
 
     def request_headers(self) -> dict:

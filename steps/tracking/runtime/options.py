@@ -24,7 +24,7 @@ from steps.core.choices import (
     parse_hidden,
     training_bytes,
 )
-from steps.tracking.tags import DEFAULT_ALIAS
+from steps.tracking.runtime.tags import DEFAULT_ALIAS
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")

@@ -22,7 +22,7 @@ ALIAS_DECISION = "pipeline.alias_decision"
 BEST_TRIAL_RUN = "pipeline.best_trial_run_id"
 STUDY_NAME = "pipeline.study_name"  # a tune run that joined a shared Optuna study
 STUDY_BEST_RUN = "pipeline.study_best_run_id"  # the study's best trial, any worker's
-# On train runs: checkpoints and resumes (steps/tracking/checkpoints.py).
+# On train runs: checkpoints and resumes (steps/tracking/training/checkpoints.py).
 CHECKPOINT = "pipeline.checkpoint"  # JSON: the newest whole checkpoint (file, epoch, sha256)
 CHECKPOINT_REFUSED = "pipeline.checkpoint_refused"  # why a checkpoint was not resumed
 RESUMES = "pipeline.resumes"  # JSON list: each continuation of the run, oldest first
@@ -32,9 +32,10 @@ OPTUNA_TRIAL = "optuna.trial"  # Optuna's own names, kept as Optuna users know t
 OPTUNA_STATE = "optuna.state"
 RETRY_OF_RUN = "pipeline.retry_of_run_id"  # on a trial: the lost trial run it tries again
 
-# On runs: the step cache (steps/tracking/cache.py).
+# On runs: the step cache (steps/tracking/pipeline/).
 CACHE_KEY = "pipeline.cache_key"
 CACHE_INPUTS = "pipeline.cache_inputs"
+CACHE_DECISION = "pipeline.cache_decision"  # JSON: what main did with the step, and why
 REUSED_STEP = "pipeline.reused_step"
 REUSED_RUN = "pipeline.reused_run_id"
 REUSED_STEPS = "pipeline.reused_steps"
@@ -57,11 +58,11 @@ VERSION_DEMOTED = "demoted"
 # The sha256 of the version's model files when it was registered; every loader checks it.
 VERSION_MODEL_DIGEST = "model_digest"
 # Set on every version register creates: whether it passed the promotion rule
-# (min_delta, min_score) when it was registered, and why (steps/tracking/registry.py).
+# (min_delta, min_score) when it was registered, and why (steps/tracking/registry/).
 VERSION_VALIDATION = "validation_status"
 VERSION_VALIDATION_REASON = "validation_reason"
 
-# On the registered model: every alias move, a JSON list, newest last (steps/tracking/registry.py).
+# On the registered model: every alias move, a JSON list, newest last (steps/tracking/registry/).
 ALIAS_HISTORY = "alias_history"
 
 # The alias that marks the best version; ``register`` moves it, ``evaluate`` and ``predict``
@@ -75,8 +76,12 @@ TRAINING_EXPERIMENT = "custom_model_development"
 EXPERIMENT_NOTE = "mlflow.note.content"
 
 # On runs: which process runs them, so that a later step can tell a run whose process died
-# (kill -9, OOM, a crashed machine) from one still working (steps/tracking/runs.py).
+# (kill -9, OOM, a crashed machine) from one still working (steps/tracking/runtime/runs.py).
 HOST = "pipeline.host"
 PID = "pipeline.pid"
 PID_STARTED = "pipeline.pid_started"
+# How the run ended by its own account (steps.tracking.runtime.runs.Ending): a launcher may
+# write its own status over the run's.
+ENDED_AS = "pipeline.ended_as"
+ENDED_CAUSE = "pipeline.ended_cause"
 ENDED_BECAUSE = "pipeline.ended_because"

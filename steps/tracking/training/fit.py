@@ -1,7 +1,8 @@
-"""Training inside a run: the core loop with its per-epoch metrics, checkpoints, curves and
-inputs logged to the active run. Shared by ``train`` (one process, or the tracking rank of
-a data-parallel job) and by every ``tune`` trial; the other ranks of a job train through
-``train_replica`` and log nothing."""
+"""Fitting a network inside a run: the core loop with its per-epoch metrics, checkpoints,
+curves and inputs logged to the active run. Shared by ``train`` (one process, or the
+tracking rank of a data-parallel job: :func:`train_in_run`) and by every ``tune`` trial
+(:func:`fit_and_log`); the other ranks of a job train through :func:`train_replica` and log
+nothing."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import logging
 import sys
 from collections.abc import Callable
 
-from steps.tracking import checkpoints, tags
-from steps.tracking.cli import StepError
-from steps.tracking.runs import add_record, log_dataset, run_link
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import StepError
+from steps.tracking.runtime.runs import add_record, log_dataset, run_link
+from steps.tracking.training import checkpoints
 
 log = logging.getLogger("steps.train")
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "epoch_seconds")
 
 
-def train_tracked(run, data: str, config, val_fraction: float, resolved_device: str,
+def train_in_run(run, data: str, config, val_fraction: float, resolved_device: str,
                   replica=None, checkpoint_every: int = 0, restart: int = 0) -> str:
     """``train``'s work inside its run: load and verify the data artifact, tag the run with
     it, continue the run's checkpoint if it has one, train (as the tracking rank of the job
@@ -28,7 +30,8 @@ def train_tracked(run, data: str, config, val_fraction: float, resolved_device: 
     continue is added to the run's newest ``pipeline.restarts`` record."""
     import mlflow
 
-    from steps.tracking.artifacts import load_data_artifact, log_models
+    from steps.tracking.inference.models import log_models
+    from steps.tracking.runtime.artifacts import load_data_artifact
 
     dataset = load_data_artifact(data)
     mlflow.set_tags({tags.DATA_URI: data, tags.DATA_DIGEST: dataset.digest,
@@ -79,7 +82,7 @@ def train_replica(replica) -> None:
     loop, no MLflow."""
     from steps.core.data import split_train_val
     from steps.core.training import train
-    from steps.tracking.distributed import share_from_tracking_rank
+    from steps.tracking.training.elastic import share_from_tracking_rank
 
     logging.getLogger("steps.core.training").setLevel(logging.WARNING)  # one rank reports
     (config, val_fraction, resume_from), images, labels = share_from_tracking_rank(None)
@@ -98,7 +101,7 @@ def fit_and_log(config, dataset, val_fraction: float,
     """Train on ``dataset`` (validation split held out with ``config.seed``), logging the
     training input, per-epoch metrics, ``best_*``, ``stopped_epoch`` (with patience) and
     ``training_curves.png`` to the active run. Returns the core's ``TrainResult``; logging
-    the model is the caller's choice (``steps.tracking.artifacts.log_models``). ``on_epoch_end``
+    the model is the caller's choice (``steps.tracking.inference.models.log_models``). ``on_epoch_end``
     may raise to stop early (pruning).
 
     Continuing a checkpoint (``resume_from``), the epochs it holds that the run has not
@@ -112,7 +115,7 @@ def fit_and_log(config, dataset, val_fraction: float,
     from steps.core.training import EpochResult, Replica, train
 
     if replica is not None:  # the tracking rank of a job (a steps.core Replica)
-        from steps.tracking.distributed import share_from_tracking_rank
+        from steps.tracking.training.elastic import share_from_tracking_rank
 
         share_from_tracking_rank((config, val_fraction, resume_from), dataset.x_train,
                                  dataset.y_train)

@@ -16,7 +16,8 @@ import threading
 
 import click
 
-from steps.tracking.redact import RedactingFilter, redact
+from steps.core.text import described
+from steps.tracking.runtime.redact import RedactingFilter, redact
 
 log = logging.getLogger("steps")
 
@@ -34,15 +35,6 @@ class StepError(Exception):
 class Interrupted(KeyboardInterrupt):
     """SIGTERM arrived. A KeyboardInterrupt, so that it unwinds exactly like Ctrl-C: runs are
     closed KILLED, and MLflow's project runner (inside ``main``) cancels the child step."""
-
-
-def first_line(error: BaseException | str) -> str:
-    """The first non-empty line of an error (or of a text); never raises, even when empty."""
-    text = str(error)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines:
-        return lines[0]
-    return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
 def setup_logging() -> None:
@@ -94,7 +86,7 @@ def _interrupt_once(signum, _frame):
         return
     _interrupted = True
     if signum == signal.SIGINT:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("SIGINT")  # the run's ended_because says which
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -122,8 +114,8 @@ def run_cli(command: click.Command, args: list[str] | None = None,
 
     For the ``python -m steps.X`` entry of a fresh process:
 
-    - ``fast_exit`` ends the process right after the atexit handlers: tearing down torch's
-      interpreter state takes about 2 s on 2 cores, and every pipeline step would pay it.
+    - ``fast_exit`` skips tearing down the interpreter, which takes about 2 s with torch
+      loaded on 2 cores and every pipeline step would pay (:func:`exit_after_handlers`).
     - ``spark=False``, for a step that runs no Spark job, runs it as if pyspark were not
       installed. ``import mlflow`` imports pyspark whenever it is (``mlflow.types.schema``
       asks whether Spark types exist): 0.6 s of CPU at the start of every step, a fifth of
@@ -131,6 +123,8 @@ def run_cli(command: click.Command, args: list[str] | None = None,
     """
     if not spark:
         sys.modules.setdefault("pyspark", None)  # import pyspark: ModuleNotFoundError
+    if fast_exit:
+        exit_after_handlers()
     setup_logging()
     handle_interrupts()
     code = 0
@@ -142,14 +136,14 @@ def run_cli(command: click.Command, args: list[str] | None = None,
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
         code = 2
     except click.ClickException as exc:
-        code = _fail(_click_message(exc), exc.exit_code or 2)
+        code = fail(_click_message(exc), exc.exit_code or 2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         ignore_interrupts()
         _close_active_run("KILLED")
-        code = _fail("interrupted (Ctrl-C or SIGTERM); the run is marked KILLED", 130)
+        code = fail("interrupted (Ctrl-C or SIGTERM); the run is marked KILLED", 130)
     except StepError as exc:
         _close_active_run("FAILED")
-        code = _fail(str(exc), 1)
+        code = fail(str(exc), 1)
     except Exception as exc:  # anything else is still reported in one line
         full = disk_full(exc)
         _close_active_run("FAILED")
@@ -158,21 +152,37 @@ def run_cli(command: click.Command, args: list[str] | None = None,
 
             click.echo(redact(traceback.format_exc()), err=True, nl=False)
         if full is not None:
-            code = _fail(no_space(full), 1)
+            code = fail(no_space(full), 1)
         else:
-            code = _fail(f"{type(exc).__name__}: {first_line(exc)} "
-                         f"(set {DEBUG_ENV}=1 for the traceback)", 1)
+            code = fail(f"{described(exc)} (set {DEBUG_ENV}=1 for the traceback)", 1)
     # Exiting already, with the run closed: a late signal (a launcher stopping the rest of
     # a job) must not turn the exit handlers into a traceback.
     ignore_interrupts()
-    if fast_exit:
-        atexit._run_exitfuncs()
+    global _exit_code
+    _exit_code = code
+    if code:
+        sys.exit(code)
+
+
+def exit_after_handlers() -> None:
+    """End the process, at its normal exit, right after the exit handlers registered from
+    now on (MLflow's: its temporary folders, its async logging) have run, without the
+    interpreter's teardown.
+
+    ``atexit`` runs handlers last-in, first-out, so the one registered here, first, runs
+    last; what it skips is the freeing of every module's objects, and the handlers of
+    modules imported before this call (logging's, which it does itself).
+    """
+    def exit_now() -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+        os._exit(_exit_code)
+
+    atexit.register(exit_now)
+
+
+_exit_code = 0  # what run_cli ended with, for exit_now
 
 
 def disk_full(error: BaseException, artifacts: str = "") -> str | None:
@@ -217,10 +227,12 @@ def _click_message(exc: click.ClickException) -> str:
     return exc.format_message()
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """Print ``error: <message>`` (without secrets) and return ``code``: the one way a
+    process of this project says it failed."""
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         # A rank of a data-parallel job: its launcher prints the line of the rank that
-        # failed first (steps.tracking.distributed), not one per rank.
+        # failed first (steps.tracking.training.elastic), not one per rank.
         return code
     click.echo(f"error: {redact(message)}", err=True)
     return code

@@ -8,48 +8,93 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import click
 
-from steps.tracking import tags
-from steps.tracking.cli import StepError, disk_full, first_line, ignore_interrupts, no_space
-from steps.tracking.redact import redact
+from steps.core.text import first_line
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import StepError, disk_full, ignore_interrupts, no_space
+from steps.tracking.runtime.redact import redact
 
 log = logging.getLogger("steps")
 
+# MLflow cuts a run tag's value at 8,000 characters (mlflow.utils.validation's
+# MAX_TAG_VAL_LENGTH): a JSON list cut there is no JSON at all. The project's record tags
+# keep the newest records that fit, each record's text shortened first.
+TAG_VALUE_LIMIT = 8000
+RECORD_TEXT_LIMIT = 300
 
-# main hands each step it launches the step cache's key and inputs through these, so that
-# the step's run carries them from its start: a run killed midway is still found by them.
-CACHE_ENV = {tags.CACHE_KEY: "PIPELINE_CACHE_KEY", tags.CACHE_INPUTS: "PIPELINE_CACHE_INPUTS"}
-MAX_RECORDS_KEPT = 20
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ended, by the account of whoever ended it: its own process, or the one
+    that found that process gone. Kept in the run's tags (``pipeline.ended_as``,
+    ``pipeline.ended_cause``, ``pipeline.ended_because``), so that it survives a launcher
+    that writes its own status over the run's (see :func:`ended`)."""
+
+    status: str  # FINISHED, FAILED or KILLED
+    cause: str = ""  # one of CAUSES; "" for FINISHED
+    because: str = ""  # what happened, one line
+
+    def tags(self) -> dict[str, str]:
+        """The tags that tell it; none where the status alone does (FINISHED, or FAILED
+        without a line of ours: each write to a store that is failing costs a retry budget)."""
+        if not self.cause or (self.cause == ERROR and not self.because):
+            return {}
+        found = {tags.ENDED_AS: self.status}
+        if self.cause:
+            found[tags.ENDED_CAUSE] = self.cause
+        if self.because:
+            found[tags.ENDED_BECAUSE] = redact(self.because)[:500]
+        return found
+
+
+INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM: the run can be continued
+ERROR = "error"  # the step failed; the line says why
+PROCESS_GONE = "process gone"  # killed outright or crashed, found by a later run
+WORKER_LOST = "worker lost"  # a tune worker stopped beating; a surviving worker closed it
+AGENT_LOST = "agent lost"  # torch's elastic agent died; the tracking rank closed it
+CAUSES = (INTERRUPTED, ERROR, PROCESS_GONE, WORKER_LOST, AGENT_LOST)
+
+
+def ended(run) -> Ending:
+    """How ``run`` ended by its own account. MLflow's launcher marks its run FAILED after
+    any non-zero exit, even one the step had already ended KILLED
+    (``mlflow.projects._wait_for`` hands the status *string* to ``RunStatus.is_terminated``,
+    which expects an int, so it always overwrites): the run's ``pipeline.ended_as`` says
+    what the step said. A run that is still RUNNING, or ended without saying, is taken as
+    its status says."""
+    said = run.data.tags.get(tags.ENDED_AS)
+    if run.info.status == "RUNNING" or said not in ("FINISHED", "FAILED", "KILLED"):
+        return Ending(run.info.status, run.data.tags.get(tags.ENDED_CAUSE, ""),
+                      run.data.tags.get(tags.ENDED_BECAUSE, ""))
+    return Ending(said, run.data.tags.get(tags.ENDED_CAUSE, ""),
+                  run.data.tags.get(tags.ENDED_BECAUSE, ""))
 
 
 @contextlib.contextmanager
 def step_run(step: str, run_name: str | None = None, nested: bool = False,
              run_id: str | None = None, log_system_metrics: bool = False,
              **extra_tags: str) -> Iterator:
-    """Start (or, under ``mlflow run``, resume) this step's run and tag it with its name.
+    """Start (or, under ``mlflow run``, take up) this step's run and tag it with its name.
 
-    The run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C/SIGTERM; never RUNNING.
-    ``nested`` starts a child of the active run (a tuning trial); ``run_id`` continues that
-    run. A run that had ended KILLED or FAILED and is continued (by ``run_id``, or by a
-    launcher handed its id) records why it had ended in ``pipeline.resumes``.
-    ``log_system_metrics`` starts MLflow's system-metrics monitor on the run.
+    The run ends FINISHED, FAILED on an error, or KILLED on Ctrl-C/SIGTERM; never RUNNING,
+    and its :class:`Ending` says which and why. ``nested`` starts a child of the active run
+    (a tuning trial); ``run_id`` continues that run. A run that had ended KILLED or FAILED
+    and is continued (by ``run_id``, or by a launcher handed its id) records how it had
+    ended in ``pipeline.resumes``. ``log_system_metrics`` starts MLflow's system-metrics
+    monitor on the run.
     """
     import mlflow
 
     # Set by a launcher (`mlflow run`) that made the run; start_run removes it from os.environ.
     launched_by = None if nested else os.environ.get("MLFLOW_RUN_ID")
-    cache_tags = {} if nested else {tag: os.environ.pop(env) for tag, env in CACHE_ENV.items()
-                                    if env in os.environ}
     ended_before = None
     if not nested:  # steps started at once on a new sqlite store: one creates its tables
-        from steps.tracking.store import prepare_store
+        from steps.tracking.runtime.store import prepare_store
 
         prepare_store(mlflow.get_tracking_uri())
         if run_id or launched_by:
@@ -59,7 +104,7 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
     run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested,
                            log_system_metrics=log_system_metrics or None)
     try:
-        mlflow.set_tags({tags.STEP: step, **process_tags(), **cache_tags, **extra_tags})
+        mlflow.set_tags({tags.STEP: step, **process_tags(), **extra_tags})
         if ended_before is not None:
             _record_continuation(ended_before)
         if not nested:
@@ -67,32 +112,43 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
         yield run
     except KeyboardInterrupt as exc:
         ignore_interrupts()
-        _note_ending(f"interrupted ({first_line(exc) or 'Ctrl-C'})")
-        mlflow.end_run("KILLED")
-        if launched_by == run.info.run_id:
-            keep_killed_after_launcher(run.info.run_id)
+        end_active_run(Ending("KILLED", INTERRUPTED,
+                              f"interrupted ({first_line(exc) or 'Ctrl-C'})"))
         raise
     except BaseException as exc:
-        if isinstance(exc, StepError):  # not an unreachable store: that costs a retry budget
-            _note_ending(first_line(exc))
         full = disk_full(exc, run.info.artifact_uri) if isinstance(exc, Exception) else None
         # A store that cannot take this (a full disk, a lost server) must not hide the error
-        # that ended the step: the run is then closed KILLED by the next start.
-        with contextlib.suppress(Exception):
-            mlflow.end_run("FAILED")
+        # that ended the step: the run is then closed KILLED by the next start. Only a
+        # StepError's line is the user's to read; any other is said by run_cli.
+        end_active_run(Ending("FAILED", ERROR,
+                              first_line(exc) if isinstance(exc, StepError) else ""))
         if full is not None and not isinstance(exc, StepError):
             raise StepError(no_space(full)) from exc
         raise
-    mlflow.end_run("FINISHED")
+    end_active_run(Ending("FINISHED"))
 
 
-def _note_ending(reason: str) -> None:
-    """The one line a failed or killed run ended with, on the run itself (best effort: the
-    store may be what failed)."""
+def end_active_run(ending: Ending) -> None:
+    """Close the active run as ``ending`` says, its tags first (best effort: the store may be
+    what failed)."""
     import mlflow
 
+    if ending.tags():
+        with contextlib.suppress(Exception):
+            mlflow.set_tags(ending.tags())
     with contextlib.suppress(Exception):
-        mlflow.set_tag(tags.ENDED_BECAUSE, redact(reason)[:500])
+        mlflow.end_run(ending.status)
+
+
+def end_run(client, run_id: str, ending: Ending) -> None:
+    """Close another process's run (one whose process is gone) as ``ending`` says."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in ending.tags().items()])
+    client.set_terminated(run_id, ending.status)
+
+
+ENDING_TAGS = (tags.ENDED_AS, tags.ENDED_CAUSE, tags.ENDED_BECAUSE)
 
 
 def _record_continuation(earlier) -> None:
@@ -100,12 +156,14 @@ def _record_continuation(earlier) -> None:
     ``pipeline.resumes``, and clear its ending: it is running again."""
     import mlflow
 
-    because = earlier.data.tags.get(tags.ENDED_BECAUSE, "")
+    ending = ended(earlier)
     add_record(earlier.info.run_id, tags.RESUMES, {
-        "after": earlier.info.status, "because": because,
+        "after": ending.status, "because": ending.because,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    if because:
-        mlflow.MlflowClient().delete_tag(earlier.info.run_id, tags.ENDED_BECAUSE)
+    client = mlflow.MlflowClient()
+    for tag in ENDING_TAGS:
+        if tag in earlier.data.tags:
+            client.delete_tag(earlier.info.run_id, tag)
 
 
 def records(run_tags: dict, tag: str) -> list[dict]:
@@ -113,13 +171,14 @@ def records(run_tags: dict, tag: str) -> list[dict]:
     try:
         found = json.loads(run_tags.get(tag, "[]"))
     except ValueError:
+        log.warning("warning: the run's %s tag is not JSON; its records are lost", tag)
         return []
     return found if isinstance(found, list) else []
 
 
 def add_record(run_id: str, tag: str, record: dict, amend: bool = False) -> None:
     """Append ``record`` to the run's JSON list tag ``tag`` (``amend``: merge it into the
-    newest record instead), keeping the newest :data:`MAX_RECORDS_KEPT`."""
+    newest record instead), keeping the newest records that fit MLflow's tag limit."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -128,73 +187,24 @@ def add_record(run_id: str, tag: str, record: dict, amend: bool = False) -> None
         found[-1].update(record)
     else:
         found.append(record)
-    client.set_tag(run_id, tag, json.dumps(found[-MAX_RECORDS_KEPT:]))
+    client.set_tag(run_id, tag, records_that_fit(found))
 
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
-LAUNCHER_GRACE_S = 30
+def records_that_fit(found: list[dict], limit: int = TAG_VALUE_LIMIT) -> str:
+    """The JSON of the newest of ``found`` that fit in ``limit`` characters, each text in
+    them shortened to :data:`RECORD_TEXT_LIMIT` first."""
+    def shortened(value):
+        if isinstance(value, str) and len(value) > RECORD_TEXT_LIMIT:
+            return value[:RECORD_TEXT_LIMIT - 3] + "..."
+        return value
 
-
-def keep_killed_after_launcher(run_id: str) -> None:
-    """Keep a run its launcher started KILLED once the launcher has had its say.
-
-    MLflow 3.17's launcher (``mlflow run``, and ``mlflow.run`` inside ``main``) marks its run
-    FAILED after any non-zero exit, even one the step already ended KILLED:
-    ``mlflow.projects._maybe_set_run_terminated`` tests the status *string* with
-    ``RunStatus.is_terminated``, which expects an int, so it always overwrites. No project
-    code runs in a bare launcher, so a small detached process waits for that write and
-    puts KILLED back (public client calls only). It is told the run's continuations
-    (``pipeline.resumes``) as this step ended it: that process may start late on a busy
-    machine, after a launcher killed by the same signal wrote nothing and the next step
-    already continued the run and ended it FAILED, a FAILED that is not the launcher's.
-    """
-    import mlflow
-
-    try:
-        resumes = mlflow.MlflowClient().get_run(run_id).data.tags.get(tags.RESUMES, "")
-    except Exception:  # the store the run was just closed in: it is not worth a traceback
-        return
-    # It inherits this ending process's ignored signals: it gets Python's defaults back.
-    code = (f"import signal; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
-            f"signal.signal(signal.SIGINT, signal.default_int_handler); "
-            f"from steps.tracking.runs import restore_status; "
-            f"restore_status({run_id!r}, 'KILLED', {os.getppid()}, {resumes!r})")
-    with contextlib.suppress(OSError):
-        subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_DIR, env=os.environ.copy(),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def restore_status(run_id: str, status: str, launcher_pid: int, resumes: str) -> None:
-    """Put ``status`` back on ``run_id`` when the launcher overwrites it with FAILED, until
-    the launcher process is gone (and a second longer) or :data:`LAUNCHER_GRACE_S` passed.
-    Any other change is left alone: RUNNING again, or a ``pipeline.resumes`` other than
-    ``resumes``, the tag as the step ended the run (it was continued since, and how that
-    continuation ended is its own). A store that is busy (sqlite's lock, held by the
-    launcher's write) is asked again."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    deadline, gone_at, end_time = time.monotonic() + LAUNCHER_GRACE_S, None, None
-    while time.monotonic() < deadline:
-        try:
-            run = client.get_run(run_id)
-            if run.data.tags.get(tags.RESUMES, "") != resumes:
-                return
-            end_time = end_time or run.info.end_time  # the step's own, not the launcher's
-            if run.info.status == "FAILED" != status:
-                client.set_terminated(run_id, status, end_time=end_time)
-                return
-        except Exception:  # a detached process: nobody would see its error
-            time.sleep(0.2)
-            continue
-        if run.info.status != status:  # continued, or changed by someone else
-            return
-        if gone_at is None and _process_gone(launcher_pid, ""):
-            gone_at = time.monotonic()
-        if gone_at is not None and time.monotonic() - gone_at > 1:
-            return
-        time.sleep(0.2)
+    kept: list[dict] = []
+    for record in reversed(found):
+        candidate = [{k: shortened(v) for k, v in record.items()}, *kept]
+        if len(json.dumps(candidate)) > limit:
+            break
+        kept = candidate
+    return json.dumps(kept)
 
 
 EXPERIMENT_DESCRIPTION = """\
@@ -229,29 +239,32 @@ def describe_experiment(experiment_id: str) -> None:
                 raise
 
 
-def _process_start(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot), '' if unknown; with the pid it
-    names one process, even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 def process_tags() -> dict[str, str]:
-    return {tags.HOST: socket.gethostname(), tags.PID: str(os.getpid()),
-            tags.PID_STARTED: _process_start(os.getpid())}
+    """Which process runs this run: its host, pid and start time (with the pid it names
+    one process, even after the pid is reused)."""
+    import psutil
+
+    me = psutil.Process()
+    return {tags.HOST: socket.gethostname(), tags.PID: str(me.pid),
+            tags.PID_STARTED: f"{me.create_time():.2f}"}
 
 
-def _process_gone(pid: int, started: str) -> bool:
+def process_gone(pid: int, started: str = "") -> bool:
+    """Whether process ``pid``, started at ``started`` (``create_time``, as
+    :func:`process_tags` wrote it; '' if unknown), has ended: no such process, a zombie, or
+    another process now holding the pid."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        # Runs tagged before psutil was used carry clock ticks, no decimal point: unknown.
+        return "." in started and f"{process.create_time():.2f}" != started
+    except psutil.NoSuchProcess:
         return True
-    except PermissionError:
+    except psutil.AccessDenied:
         return False  # alive, someone else's
-    return bool(started) and _process_start(pid) not in ("", started)
 
 
 def close_orphans(client, experiment_id: str) -> list[str]:
@@ -264,22 +277,17 @@ def close_orphans(client, experiment_id: str) -> list[str]:
                                            f"tags.`{tags.HOST}` = {quote(host)}",
             max_results=1000):
         pid = run.data.tags.get(tags.PID, "")
-        if not pid.isdigit() or not _process_gone(int(pid), run.data.tags.get(tags.PID_STARTED,
-                                                                               "")):
+        if not pid.isdigit() or not process_gone(int(pid),
+                                                 run.data.tags.get(tags.PID_STARTED, "")):
             continue
-        mark_killed(client, run.info.run_id, f"its process {pid} on {host} was gone (killed "
-                    "or crashed); marked KILLED by a later run")
+        end_run(client, run.info.run_id, Ending(
+            "KILLED", PROCESS_GONE, f"its process {pid} on {host} was gone (killed or "
+            "crashed); marked KILLED by a later run"))
         closed.append(run.info.run_id)
     if closed:
         log.warning("marked KILLED %d run(s) whose process is gone: %s", len(closed),
                     ", ".join(closed))
     return closed
-
-
-def mark_killed(client, run_id: str, because: str) -> None:
-    """End a run whose process is gone KILLED, saying why in ``pipeline.ended_because``."""
-    client.set_tag(run_id, tags.ENDED_BECAUSE, redact(because)[:500])
-    client.set_terminated(run_id, "KILLED")
 
 
 def log_dataset(x, y, name: str, context: str) -> None:
@@ -363,6 +371,24 @@ def newest_runs(client, experiment_id: str, step: str, extra_filter: str = "",
                               order_by=["attributes.start_time DESC"], max_results=max_results)
 
 
+def where_else(client, step: str, experiment_id: str) -> str:
+    """Where this experiment's missing upstream runs are: ``; <step> runs are in experiment
+    'x': add --experiment-name x`` when other experiments hold finished ones, else ''. A step
+    run alone under ``mlflow run`` works in the experiment it is given (``Default`` unless
+    told), while ``make run`` works in its own."""
+    from steps.tracking.runtime.project import MAKE_EXPERIMENT
+
+    names = [e.name for e in client.search_experiments(max_results=100)
+             if e.experiment_id != experiment_id
+             and newest_runs(client, e.experiment_id, step, max_results=1)]
+    if not names:
+        return ""
+    names.sort(key=lambda n: n != MAKE_EXPERIMENT)
+    shown = ", ".join(f"'{n}'" + (" (make run's)" if n == MAKE_EXPERIMENT else "")
+                      for n in names[:3])
+    return f"; {step} runs are in experiment {shown}: add --experiment-name {names[0]}"
+
+
 def quote(value: str) -> str:
     """Quote a value for an MLflow search filter."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -377,6 +403,32 @@ def run_link(run) -> str:
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{path}"
     return f"run {run.info.run_id} (mlflow ui --backend-store-uri {uri}, then {path})"
+
+
+def launcher_run_name() -> str | None:
+    """The ``--run-name`` given to the ``mlflow run`` that launched this process, if any.
+
+    MLflow's launcher names its run after the step's process has started, so the step
+    cannot tell from the run whether the name it finds was given or made up by the store;
+    the launcher's own command line (an ancestor: conda and uv start the step through a
+    shell) says it."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process().parents():
+            words = process.cmdline()
+            # `mlflow run ...`, or `python .../bin/mlflow run ...` as the script's shebang runs it
+            at = next((i for i, w in enumerate(words[:2]) if os.path.basename(w) == "mlflow"),
+                      None)
+            if at is None or words[at + 1:at + 2] != ["run"]:
+                continue
+            for i, word in enumerate(words):
+                if word == "--run-name" and i + 1 < len(words):
+                    return words[i + 1]
+                if word.startswith("--run-name="):
+                    return word.split("=", 1)[1]
+            return None
+    return None
 
 
 def absolutize_tracking_uri() -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import io
 import logging
 
-from steps.tracking import tags
-from steps.tracking.artifacts import load_data_artifact
-from steps.tracking.cli import StepError, first_line
-from steps.tracking.evaluation import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_text
-from steps.tracking.registry import Candidate
+from steps.core.text import first_line
+from steps.tracking.inference.scorecard import PREDICTIONS_FILE, PROBABILITIES_FILE, csv_text
+from steps.tracking.registry.versions import Candidate
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.artifacts import load_data_artifact
+from steps.tracking.runtime.cli import StepError
 
 log = logging.getLogger("steps.register")
 

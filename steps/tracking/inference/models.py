@@ -1,8 +1,9 @@
-"""What the steps hand each other: the data artifact and the two logged models.
+"""The two models train logs, and every way they are read back.
 
-Writing them (``log_models``), reading them back (``load_data_artifact``, ``load_pyfunc``)
-and checking that they still exist (``output_missing``) live here, beside the list of
-project files a logged model carries (``SHIPPED_MODULES``), which the step cache hashes.
+Writing them (``log_models``), resolving a URI to one fixed version (``resolve_version``),
+loading them (``load_pyfunc``) and checking their files (``verified_model_files``) live
+here, beside the list of project files a logged model carries (``SHIPPED_MODULES``), which
+the step cache hashes.
 
 A classifier is code as well as weights, and loading it runs that code. So its files get a
 digest when train logs it (a tag of the logged model), ``register`` records it on the
@@ -12,57 +13,26 @@ predict; ``check_servable``: ``make serve``) refuses files that no longer match 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
 from importlib.metadata import version
 from pathlib import Path
 
-from steps.tracking import tags
-from steps.tracking.cli import StepError, first_line
+from steps.core.text import first_line
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import StepError
+from steps.tracking.runtime.project import module_file, read_requirements
 
 log = logging.getLogger("steps")
 
 # Project modules copied into every logged classifier: the served model's code and the
 # networks it rebuilds. A change to either changes what train ships, so the step cache
-# (steps/tracking/cache.py) hashes them with the code train runs.
-SERVING_MODULE = "steps.tracking.serving"
+# (steps/tracking/pipeline/inputs.py) hashes them with the code train runs.
+CLASSIFIER_MODULE = "steps.tracking.inference.classifier"
 NETWORK_MODULE = "steps.core.model"
 PIXELS_MODULE = "steps.core.pixels"
-SHIPPED_MODULES = (SERVING_MODULE, NETWORK_MODULE, PIXELS_MODULE)
-
-
-def module_file(name: str) -> str:
-    """The source file of a project module, found without importing it."""
-    return importlib.util.find_spec(name).origin
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_data_artifact(data_uri: str):
-    """Download a download_data artifact and return the verified dataset.
-
-    Raises StepError naming the ``data`` parameter when the URI is missing or holds
-    something else.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from steps.core.data import DataError, load_saved_dataset
-
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri)
-    except (MlflowException, OSError) as exc:
-        raise StepError(
-            f"data={data_uri!r} cannot be read ({first_line(exc)}); pass the data URI "
-            "a download_data run logged (runs:/<run_id>/data) or leave data empty"
-        ) from None
-    try:
-        return load_saved_dataset(local)
-    except DataError as exc:
-        raise StepError(f"data={data_uri!r}: {exc}") from None
+SHIPPED_MODULES = (CLASSIFIER_MODULE, NETWORK_MODULE, PIXELS_MODULE)
 
 
 # --------------------------------------------------------------------------- models
@@ -107,7 +77,7 @@ def log_models(network, arch: str, hidden, example_images, step: int = 0) -> str
 
 
 def log_classifier(network, arch: str, hidden, example, step: int = 0):
-    """Log the served model: ``steps/tracking/serving.py`` (model from code) rebuilding ``network``
+    """Log the served model: ``steps/tracking/inference/classifier.py`` (model from code) rebuilding ``network``
     from its weights and ``steps/core/model.py``, checking its input with
     ``steps/core/pixels.py``.
 
@@ -124,7 +94,7 @@ def log_classifier(network, arch: str, hidden, example, step: int = 0):
     from mlflow.types.schema import Array
 
     signature = ModelSignature(
-        inputs=None,  # see steps/tracking/serving.py: several layouts and dtypes are accepted
+        inputs=None,  # see steps/tracking/inference/classifier.py: several layouts and dtypes are accepted
         outputs=Schema([ColSpec(DataType.long, "label"),
                         ColSpec(Array(DataType.float), "probabilities")]),
     )
@@ -133,7 +103,7 @@ def log_classifier(network, arch: str, hidden, example, step: int = 0):
         torch.save(network.state_dict(), weights)
         architecture.write_text(json.dumps({"arch": arch, "hidden": list(hidden or [])}))
         return mlflow.pyfunc.log_model(
-            name="classifier", python_model=module_file(SERVING_MODULE),
+            name="classifier", python_model=module_file(CLASSIFIER_MODULE),
             artifacts={"weights": str(weights), "architecture": str(architecture)},
             code_paths=[module_file(m) for m in (NETWORK_MODULE, PIXELS_MODULE)],
             signature=signature,
@@ -297,23 +267,6 @@ def warn_of_other_requirements(local: Path, model_uri: str) -> None:
                     model_uri, "; ".join(mismatches))
 
 
-def read_requirements(path: str | os.PathLike) -> list:
-    """The requirements of a pip requirements file as ``packaging`` Requirements; comments,
-    options (``-r``, ``-c``) and unparsable lines are skipped, as MLflow does."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    found = []
-    for raw in Path(path).read_text().splitlines():
-        line = raw.split("#")[0].strip()
-        if not line or line.startswith("-"):
-            continue
-        try:
-            found.append(Requirement(line))
-        except InvalidRequirement:
-            continue
-    return found
-
-
 def requirement_mismatches(requirements_txt: str) -> list[str]:
     """Pinned requirements in the file that the installed packages do not satisfy."""
     from importlib.metadata import PackageNotFoundError
@@ -330,27 +283,3 @@ def requirement_mismatches(requirements_txt: str) -> list[str]:
                                                                    prereleases=True):
             found.append(f"{requirement} (installed: {installed or 'none'})")
     return found
-
-
-# --------------------------------------------------------------------------- existence
-
-
-def output_missing(client, uri: str) -> str:
-    """Why ``uri`` (a ``runs:/<id>/<path>`` artifact or a ``models:/m-<id>`` logged model)
-    can no longer be read, or '' when it can. A listing, not a download."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if uri.startswith("runs:/"):
-            run_id, _, path = uri[len("runs:/"):].partition("/")
-            if not client.list_artifacts(run_id, path):
-                return f"{uri} has no files"
-        elif uri.startswith("models:/m-"):
-            names = {f.path for f in client.list_logged_model_artifacts(uri[len("models:/"):])}
-            if "MLmodel" not in names:
-                return f"{uri} has no MLmodel file"
-        else:
-            return ""
-    except (MlflowException, OSError) as exc:
-        return f"{uri} cannot be listed ({first_line(exc)})"
-    return ""

@@ -1,5 +1,6 @@
-"""The tune step's machinery: the search space, one trial as one nested run, and what the
-sweep logs at its end. ``steps/tune.py`` only parses, opens its run and calls these."""
+"""Trials of a hyperparameter sweep: the search space, one trial as one nested run, what a
+surviving worker does with a lost worker's trial, and what the sweep logs at its end.
+``steps/tune.py`` only parses, opens its run and calls these."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import warnings
 from dataclasses import dataclass
 
 from steps.core.choices import ARCHS, OPTIMIZERS
-from steps.tracking import tags
-from steps.tracking.fitting import fit_and_log
-from steps.tracking.runs import mark_killed, step_run
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.runs import WORKER_LOST, Ending, end_run, step_run
+from steps.tracking.training.fit import fit_and_log
 
 log = logging.getLogger("steps.tune")
 
@@ -154,7 +155,7 @@ class StaleTrials:
         while run_id:
             run = client.get_run(run_id)
             if run.info.status == "RUNNING":
-                mark_killed(client, run_id, because)
+                end_run(client, run_id, Ending("KILLED", WORKER_LOST, because))
             # The trial's parent is the lost worker's tune run; it stops there.
             run_id = (run.data.tags.get(MLFLOW_PARENT_RUN_ID)
                       if run.data.tags.get(tags.STEP) == "tune_trial" else None)

@@ -19,11 +19,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from steps.tracking.cli import StepError, first_line
+from steps.core.text import first_line
+from steps.tracking.runtime.cli import StepError
 
 log = logging.getLogger("steps.score")
 
-# What the classifier returns (steps/tracking/serving.py), as a Spark type.
+# What the classifier returns (steps/tracking/inference/classifier.py), as a Spark type.
 PREDICTION_TYPE = "label long, probabilities array<float>"
 PIXELS = 28 * 28
 TOP_PROBABILITY_BINS = 20
@@ -193,7 +194,7 @@ def images_from_files(spark, images: str):
     import numpy as np
     import pyarrow as pa
 
-    from steps.tracking.images import load_images
+    from steps.tracking.inference.images import load_images
 
     names, pixels = load_images(images)
     flat = pa.array(np.ascontiguousarray(pixels, np.float32).reshape(-1))
@@ -230,38 +231,53 @@ def score(spark, frame, model_dir: str, model_version: str):
                     F.lit(model_version).alias("model_version")))
 
 
-def write_atomically(spark, frame, output: str) -> None:
-    """Write ``frame`` as Parquet at ``output``, or nothing there at all."""
-    jvm = spark.sparkContext._jvm
-    final = jvm.org.apache.hadoop.fs.Path(output)
-    fs = final.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    partial = jvm.org.apache.hadoop.fs.Path(final.getParent(), f".{final.getName()}.partial")
-    fs.delete(partial, True)
+def filesystem_of(output: str):
+    """(pyarrow's filesystem for ``output``, the path in it): a local path, or a URI of any
+    filesystem Arrow reads (``s3://``, ``gs://``, ``hdfs://``, ``abfs://``; Hadoop's
+    ``s3a://`` is S3's)."""
+    from pyarrow import fs
+
+    if "://" not in output:
+        return fs.LocalFileSystem(), os.path.abspath(output)
+    return fs.FileSystem.from_uri(re.sub(r"^s3a://", "s3://", output))
+
+
+def write_atomically(frame, output: str) -> None:
+    """Write ``frame`` as Parquet at ``output``, or nothing there at all: Spark writes to a
+    hidden sibling, moved into place only once the job has succeeded."""
+    from pyarrow import fs
+
+    filesystem, path = filesystem_of(output)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    partial = f"{parent}/.{name}.partial"
+    partial_uri = output[:len(output) - len(name)].rstrip("/") + f"/.{name}.partial" \
+        if "://" in output else partial
+
+    def remove_partial() -> None:
+        if filesystem.get_file_info(partial).type != fs.FileType.NotFound:
+            filesystem.delete_dir(partial)
+
+    remove_partial()
     try:
-        frame.write.parquet(partial.toString())
-        if not fs.rename(partial, final):
-            raise StepError(f"output={output!r}: the finished predictions could not be moved "
-                            f"into place from {partial.toString()}")
+        frame.write.parquet(partial_uri)
+        filesystem.move(partial, path)
     except Exception as exc:
-        fs.delete(partial, True)
-        if isinstance(exc, StepError):
-            raise
+        remove_partial()
+        if isinstance(exc, OSError):
+            raise StepError(f"output={output!r}: the finished predictions could not be moved "
+                            f"into place from {partial_uri} ({first_line(exc)})") from None
         raise StepError(f"the Spark job failed ({spark_cause(exc)}); nothing was written to "
                         f"{output} (Spark's log: {spark_log_path()})") from None
 
 
-def check_output(spark, output: str) -> None:
-    """Refuse an ``output`` that exists (a local path is checked before Spark starts too)."""
-    if ("://" not in output and Path(output).exists()) or \
-            (spark is not None and _hadoop_exists(spark, output)):
+def check_output(output: str) -> None:
+    """Refuse an ``output`` that exists."""
+    from pyarrow import fs
+
+    filesystem, path = filesystem_of(output)
+    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
         raise StepError(f"output={output!r} already exists; give a new path or move it aside "
                         "(score never overwrites predictions)")
-
-
-def _hadoop_exists(spark, output: str) -> bool:
-    jvm = spark.sparkContext._jvm
-    path = jvm.org.apache.hadoop.fs.Path(output)
-    return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(path)
 
 
 def summarize(spark, output: str) -> dict:

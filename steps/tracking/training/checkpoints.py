@@ -20,8 +20,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from steps.tracking import tags
-from steps.tracking.cli import StepError, first_line
+from steps.core.text import first_line
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import StepError
 
 log = logging.getLogger("steps.train")
 
@@ -153,11 +154,11 @@ def check_resumable_run(client, run_id: str, differences) -> object:
     """The run ``train --resume RUN_ID`` may continue, or StepError naming ``resume``.
 
     ``differences(run)`` lists the training parameters that differ between that run and
-    this command (``steps.tracking.runs.param_differences``).
+    this command (``steps.tracking.runtime.runs.param_differences``).
     """
     from mlflow.exceptions import MlflowException
 
-    from steps.tracking.runs import close_orphans
+    from steps.tracking.runtime.runs import close_orphans, ended
 
     try:
         run = client.get_run(run_id)
@@ -170,9 +171,10 @@ def check_resumable_run(client, run_id: str, differences) -> object:
     if run.info.status == "RUNNING":  # its process may be gone: then it is an orphan
         close_orphans(client, run.info.experiment_id)
         run = client.get_run(run_id)
-    if run.info.status not in RESUMABLE_STATUSES:
-        still = "is still RUNNING" if run.info.status == "RUNNING" else (
-            f"{run.info.status}: there is nothing to continue")
+    status = ended(run).status  # by the run's own account, not its launcher's
+    if status not in RESUMABLE_STATUSES:
+        still = "is still RUNNING" if status == "RUNNING" else (
+            f"{status}: there is nothing to continue")
         raise StepError(f"resume={run_id}: that run {still}")
     if Pointer.of(run) is None:
         refused = run.data.tags.get(tags.CHECKPOINT_REFUSED)

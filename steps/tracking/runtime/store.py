@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-from steps.tracking.cli import StepError
-from steps.tracking.redact import redact
+from steps.tracking.runtime.cli import StepError
+from steps.tracking.runtime.redact import redact
 
 # A server that refuses the connection, or does not accept it within CONNECT_TIMEOUT_S, is
 # down: say so at once. One that accepted it is up, and may be slow to answer while a team

@@ -1,4 +1,5 @@
-"""The evaluate step's work: which model and data to score, scoring them, and the figures.
+"""A model's scorecard on the test split, for ``evaluate``: which model and data to score,
+the metrics, the figures, and the per-image predictions ``register`` compares.
 
 Kept out of the entry script so that ``evaluate`` stays a door (parse, track, call).
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 import csv
 import io
 
-from steps.tracking import tags
-from steps.tracking.artifacts import load_pyfunc
-from steps.tracking.cli import StepError, first_line
-from steps.tracking.runs import latest_finished_run, log_dataset
+from steps.core.text import first_line
+from steps.tracking.inference.models import load_pyfunc
+from steps.tracking.runtime import tags
+from steps.tracking.runtime.cli import StepError
+from steps.tracking.runtime.runs import latest_finished_run, log_dataset, where_else
 
 
 def resolve_model(client, experiment_id: str, model_uri: str, model_name: str):
@@ -31,7 +33,7 @@ def resolve_model(client, experiment_id: str, model_uri: str, model_name: str):
                     f"model_uri is empty, no model is registered as "
                     f"{model_name}@{tags.DEFAULT_ALIAS} and this experiment has no finished "
                     "train run; run the pipeline first (`mlflow run . --env-manager local`) "
-                    "or pass model_uri"
+                    "or pass model_uri" + where_else(client, "train", experiment_id)
                 ) from None
             model_uri = train_run.data.tags[tags.MODEL_URI]
     try:

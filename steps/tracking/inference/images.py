@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steps.tracking.cli import StepError
+from steps.tracking.runtime.cli import StepError
 
 # A digit drawn at any sensible resolution fits; a bigger file is refused before decoding.
 MAX_PNG_PIXELS = 4096 * 4096
