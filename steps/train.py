@@ -2,8 +2,8 @@
 
 Reads:  ``--data`` (a download_data artifact URI; empty = the newest finished download_data
         run of the experiment). The artifact's digest is verified before training.
-        The run's own checkpoint, when it has one (``steps/tracking/training/checkpoints.py``): a train run
-        that ended KILLED or FAILED and is started again (``main`` does it; ``--resume
+        The run's own checkpoint, when it has one (``steps/tracking/training/checkpoints.py``):
+        a train run that ended KILLED or FAILED and is started again (``main`` does it; ``--resume
         RUN_ID`` alone) continues at the epoch after its checkpoint, in the same run.
 Writes: params (every option, plus the resolved data URI);
         metrics per epoch ``train_loss``, ``val_loss``, ``val_accuracy``, ``epoch_seconds``;
@@ -16,16 +16,16 @@ Writes: params (every option, plus the resolved data URI);
         model ``model`` (``mlflow.pytorch.log_model`` at ``step`` = the best epoch, linked
         to that epoch's metrics; pt2 format, TensorSpec signature:
         raw pixels float32 (-1, 28, 28) -> class probabilities float32 (-1, 10));
-        model ``classifier`` (pyfunc from ``steps/tracking/inference/classifier.py`` with the same weights and
-        ``steps/core/model.py``: raw images in any common layout -> ``label`` and
+        model ``classifier`` (pyfunc from ``steps/tracking/inference/classifier.py`` with the
+        same weights and ``steps/core/model.py``: raw images in any common layout -> ``label`` and
         ``probabilities``; this is what evaluate, register and serving use);
         input ``<dataset>-train`` (context ``training``);
         tags ``pipeline.step``, ``pipeline.data_uri``, ``pipeline.data_digest``,
         ``pipeline.dataset``, ``pipeline.resolved_device``, ``pipeline.model_uri`` (the
         classifier), ``pipeline.network_uri`` (the pt2 network).
 
-Scale-out (``steps/tracking/training/elastic.py``): ``--workers N`` trains with N data-parallel processes
-started by torch's elastic agent, ``batch_size`` staying the global batch; with
+Scale-out (``steps/tracking/training/elastic.py``): ``--workers N`` trains with N data-parallel
+processes started by torch's elastic agent, ``batch_size`` staying the global batch; with
 ``--nodes M --node-rank R --rdzv-endpoint host:port`` the job spans M machines, meeting at
 node 0's c10d rendezvous. One run either way, owned by this process on node 0; local rank
 0 of node 0 logs into it. ``--max-restarts K`` lets the agent restart every rank up to K

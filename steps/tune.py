@@ -5,9 +5,9 @@ Reads:  one download_data run's artifact, fetched (or reused from the step cache
         ``--study-name`` in that storage, shared with every other ``tune`` pointed at it.
 Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``optimizer``,
         ``arch``, ``hidden``; per-epoch ``train_loss``, ``val_loss``, ``val_accuracy``;
-        ``best_val_accuracy``; ``stopped_epoch`` with ``--patience`` (early stopping); tag ``optuna.state`` COMPLETE or PRUNED; a diverging
-        trial's run is FAILED and the sweep goes on);
-        on this run: params (every option), metrics ``best_val_accuracy``,
+        ``best_val_accuracy``; ``stopped_epoch`` with ``--patience`` (early stopping); tag
+        ``optuna.state`` COMPLETE or PRUNED; a diverging trial's run is FAILED and the sweep
+        goes on); on this run: params (every option), metrics ``best_val_accuracy``,
         ``completed_trials``, ``pruned_trials``, params ``best_<name>`` for the winner,
         figures ``optimization_history.png`` and ``param_importances.png``;
         the best trial's models (``model`` and ``classifier``) in the best trial's run;

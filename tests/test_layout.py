@@ -81,7 +81,8 @@ def test_each_project_constant_is_defined_once():
     """``PROJECT_DIR`` and its kin live in runtime/project.py; nothing defines them again."""
     names = {"PROJECT_DIR", "PROJECT_FILES", "MAKE_EXPERIMENT", "first_line"}
     where = {}
-    for path in [*STEPS.rglob("*.py"), *(ROOT / "tests").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]:
+    for path in [*STEPS.rglob("*.py"), *(ROOT / "tests").rglob("*.py"),
+                 *(ROOT / "tools").rglob("*.py")]:
         for node in ast.parse(path.read_text()).body:
             targets = ([t.id for t in node.targets if isinstance(t, ast.Name)]
                        if isinstance(node, ast.Assign) else

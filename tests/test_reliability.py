@@ -26,9 +26,9 @@ from helpers.processes import (
 )
 from helpers.store import TrackingServer, temporary_store, wait_for_training
 from steps.download_data import cli as download_data
-from steps.tracking.runtime.runs import close_orphans, process_tags
 from steps.tracking.runtime import tags
 from steps.tracking.runtime.cli import run_cli
+from steps.tracking.runtime.runs import close_orphans, process_tags
 
 PIPELINE = ["-P", "dataset=digits", "-P", "epochs=500", "-P", "batch_size=4"]
 
@@ -44,7 +44,7 @@ def test_only_runs_of_gone_processes_on_this_host_are_closed(tracking_uri):
     dead.wait()
     alive = running_run(client, **process_tags())
     reused_pid = running_run(client, **{tags.HOST: host, tags.PID: str(os.getpid()),
-                                        tags.PID_STARTED: "1"})  # same pid, older process
+                                        tags.PID_STARTED: "1.00"})  # same pid, older process
     gone = running_run(client, **{tags.HOST: host, tags.PID: str(dead.pid)})
     elsewhere = running_run(client, **{tags.HOST: "another-host", tags.PID: str(dead.pid)})
     untagged = running_run(client)

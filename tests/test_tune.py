@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -15,6 +14,7 @@ import pytest
 from helpers.data import write_idx_folder
 from helpers.processes import assert_clean_failure, mlflow_run, run_step, start
 from helpers.store import temporary_store
+from helpers.waiting import wait_until
 from steps.tracking.runtime import tags
 
 pytestmark = pytest.mark.slow
@@ -87,17 +87,18 @@ def sweep_losing_a_worker(storage: str, study_name: str, root: Path) -> dict:
     doomed = start([sys.executable, "-m", "steps.tune", *common, "--trials", "3",
                     "--epochs", "3"])
     client = mlflow.MlflowClient()
-    deadline, doomed_tune = time.monotonic() + 180, None
-    while doomed_tune is None and time.monotonic() < deadline:
-        assert doomed.poll() is None and survivor.poll() is None
-        for tune in client.search_runs(["0"], "tags.`pipeline.step` = 'tune'"):
-            if tune.data.tags.get(tags.PID) == str(doomed.pid) and any(
-                    "val_accuracy" in t.data.metrics for t in client.search_runs(
-                        ["0"], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}' and "
-                               "attributes.status = 'RUNNING'")):
-                doomed_tune = tune
-        time.sleep(0.05)
-    assert doomed_tune is not None, "the slow worker never got through a trial's first epoch"
+
+    def doomed_mid_trial():
+        return next((tune for tune in client.search_runs(["0"], "tags.`pipeline.step` = 'tune'")
+                     if tune.data.tags.get(tags.PID) == str(doomed.pid) and any(
+                         "val_accuracy" in t.data.metrics for t in client.search_runs(
+                             ["0"], f"tags.`mlflow.parentRunId` = '{tune.info.run_id}' and "
+                                    "attributes.status = 'RUNNING'"))), None)
+
+    doomed_tune = wait_until(
+        doomed_mid_trial, 180, "the slow worker to get through a trial's first epoch",
+        poll=0.05, give_up=lambda: (doomed.poll() is not None or survivor.poll() is not None)
+        and "a worker ended first")
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.communicate(timeout=60)
     _, stderr = survivor.communicate(timeout=600)

@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 class Replica:
     """This process's place in a data-parallel job (the default: the only one).
 
-    With ``world`` > 1 the process group must already be initialised (``steps.tracking.training.elastic``
-    does it). Every replica holds all the data and walks the same shuffled order; each takes
-    its slice of every global batch, so the job trains the model one process would have.
+    With ``world`` > 1 the process group must already be initialised
+    (``steps.tracking.training.elastic`` does it). Every replica holds all the data and walks
+    the same shuffled order; each takes its slice of every global batch, so the job trains the
+    model one process would have.
     """
 
     rank: int = 0

@@ -4,8 +4,8 @@ MLflow's launcher talks to the tracking server (creating the run) before any pro
 runs: an unreachable server costs minutes of retries, a refused login a traceback. MLflow
 asks every registered request-header provider before each request, so this provider, in
 the launcher process only, checks the server once with the project's own check
-(``steps.tracking.runtime.store.check_tracking_server``) and ends the process with its one-line error.
-It adds no header; when the tracking URI carries a password it also stops MLflow from
+(``steps.tracking.runtime.store.check_tracking_server``) and ends the process with its one-line
+error. It adds no header; when the tracking URI carries a password it also stops MLflow from
 printing run links that show it.
 
 It also creates the experiment ``MLFLOW_EXPERIMENT_NAME`` names before the launcher looks it

@@ -77,8 +77,8 @@ def log_models(network, arch: str, hidden, example_images, step: int = 0) -> str
 
 
 def log_classifier(network, arch: str, hidden, example, step: int = 0):
-    """Log the served model: ``steps/tracking/inference/classifier.py`` (model from code) rebuilding ``network``
-    from its weights and ``steps/core/model.py``, checking its input with
+    """Log the served model: ``steps/tracking/inference/classifier.py`` (model from code)
+    rebuilding ``network`` from its weights and ``steps/core/model.py``, checking its input with
     ``steps/core/pixels.py``.
 
     Weights, not the pt2 program: loading a pt2 archive imports torch._dynamo (about 2 s),
@@ -94,7 +94,7 @@ def log_classifier(network, arch: str, hidden, example, step: int = 0):
     from mlflow.types.schema import Array
 
     signature = ModelSignature(
-        inputs=None,  # see steps/tracking/inference/classifier.py: several layouts and dtypes are accepted
+        inputs=None,  # classifier.py takes several layouts and dtypes
         outputs=Schema([ColSpec(DataType.long, "label"),
                         ColSpec(Array(DataType.float), "probabilities")]),
     )

@@ -3,8 +3,9 @@
 Tracking and database URIs may carry a password (``http://user:secret@host``,
 ``postgresql+psycopg2://user:secret@host/db``), a bare token as user info
 (``https://token@host``) or a token in the query (``?token=...``, a SAS ``sig=...``). Every
-message of this project goes through :func:`redact` (error lines in ``steps.tracking.runtime.cli``, log
-records through :class:`RedactingFilter`, run links), so none reaches a console or a CI log.
+message of this project goes through :func:`redact` (error lines in
+``steps.tracking.runtime.cli``, log records through :class:`RedactingFilter`, run links), so
+none reaches a console or a CI log.
 """
 
 from __future__ import annotations

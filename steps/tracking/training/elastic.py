@@ -1,12 +1,13 @@
 """Data-parallel and multi-node training through PyTorch's own elastic agent.
 
 ``train --workers N`` runs N ranks on this machine with torch.distributed's elastic agent,
-through its public launcher (``elastic_launch``, the engine behind ``torchrun``); ``--nodes M --node-rank R --rdzv-endpoint host:port``
-spreads the job over M machines through its c10d rendezvous, whose store node 0 hosts at
-``rdzv_endpoint``. ``--max-restarts K`` lets the agent restart every rank up to K times
-when one fails (a killed process, an exception, a lost node); the ranks continue from the
-run's latest checkpoint, in the same run. A node whose processes die and are started again
-(a replaced pod) joins the next rendezvous round. No process pool or queue of our own.
+through its public launcher (``elastic_launch``, the engine behind ``torchrun``); ``--nodes M
+--node-rank R --rdzv-endpoint host:port`` spreads the job over M machines through its c10d
+rendezvous, whose store node 0 hosts at ``rdzv_endpoint``. ``--max-restarts K`` lets the agent
+restart every rank up to K times when one fails (a killed process, an exception, a lost node);
+the ranks continue from the run's latest checkpoint, in the same run. A node whose processes
+die and are started again (a replaced pod) joins the next rendezvous round. No process pool or
+queue of our own.
 
 Who touches MLflow:
 - the train step's own process on node 0 (the one ``mlflow run`` starts, where the agent

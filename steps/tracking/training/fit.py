@@ -101,8 +101,8 @@ def fit_and_log(config, dataset, val_fraction: float,
     """Train on ``dataset`` (validation split held out with ``config.seed``), logging the
     training input, per-epoch metrics, ``best_*``, ``stopped_epoch`` (with patience) and
     ``training_curves.png`` to the active run. Returns the core's ``TrainResult``; logging
-    the model is the caller's choice (``steps.tracking.inference.models.log_models``). ``on_epoch_end``
-    may raise to stop early (pruning).
+    the model is the caller's choice (``steps.tracking.inference.models.log_models``).
+    ``on_epoch_end`` may raise to stop early (pruning).
 
     Continuing a checkpoint (``resume_from``), the epochs it holds that the run has not
     logged yet (``logged_epochs`` is the last one it has) are logged first, and no epoch
