@@ -19,7 +19,7 @@ export MLFLOW_TRACKING_URI := $(TRACKING)
 # the steps print their own, redacted ones.
 export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 # MLflow's telemetry races its own HTTP client under load (docs/team-server.md): off for
-# the launcher too, as in every step (steps/tracking/cli.py).
+# the launcher too, as in every step (steps/tracking/runtime/cli.py).
 export MLFLOW_DISABLE_TELEMETRY ?= true
 run tune ui serve: export MLFLOW_EXPERIMENT_NAME := $(EXPERIMENT)
 

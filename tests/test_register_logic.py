@@ -10,6 +10,7 @@ import threading
 import mlflow
 import pytest
 
+from helpers.docs import documented_python
 from steps.tracking.registry import promotion
 from steps.tracking.registry.promotion import (
     ALREADY,
@@ -32,9 +33,9 @@ from steps.tracking.registry.versions import (
     PASSED,
     REJECTED,
     Candidate,
-    best_of,
     candidates,
     holder_to_beat,
+    rank,
 )
 from steps.tracking.runtime.cli import StepError
 
@@ -74,10 +75,13 @@ def holder(client) -> int:
     return int(client.get_model_version_by_alias(NAME, "champion").version)
 
 
-def test_best_of_prefers_higher_accuracy_lower_loss_and_older_ties():
+def test_the_best_version_has_higher_accuracy_lower_loss_and_is_older_on_ties():
+    def best(pool: list[Candidate], metric: str) -> int:
+        return max(pool, key=lambda c: rank(c, metric)).version
+
     pool = [Candidate(1, 0.9, "d"), Candidate(2, 0.95, "d"), Candidate(3, 0.95, "d")]
-    assert best_of(pool, "test_accuracy").version == 2
-    assert best_of([Candidate(1, 0.3, "d"), Candidate(2, 0.2, "d")], "test_loss").version == 2
+    assert best(pool, "test_accuracy") == 2
+    assert best([Candidate(1, 0.3, "d"), Candidate(2, 0.2, "d")], "test_loss") == 2
 
 
 def moved(decision: AliasDecision, version: int) -> bool:
@@ -373,3 +377,16 @@ def test_forcing_the_holder_itself_demotes_nobody(registry):
     assert moved(decision, 1) and decision.before.version == 1 and decision.demoted == ()
     assert "demoted" not in client.get_model_version(NAME, "1").tags
     assert holder(client) == 1
+
+
+def test_the_documented_history_reader_prints_every_move_oldest_first(registry, capsys):
+    client, add = registry
+    v1 = add(0.90)
+    settle_alias(client, NAME, "champion", RULE, v1, run_id="r1")
+    v2 = add(0.95)
+    settle_alias(client, NAME, "champion", RULE, v2, run_id="r2")
+    force_alias(client, NAME, "champion", RULE, v1, run_id="r3")
+    exec(documented_python("parameters.md", "Every move of an alias"), {})
+    printed = [line.split()[1:] for line in capsys.readouterr().out.splitlines()]
+    assert printed == [["vNone", "->", "v1", "r1"], ["v1", "->", "v2", "r2"],
+                       ["v2", "->", "v1", "forced", "r3"]]

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers.docs import documented_python
 from helpers.processes import (
     PROJECT_DIR,
     VENV_BIN,
@@ -333,11 +334,11 @@ def test_predict_refuses_what_is_not_pixels_in_one_line_naming_images(champion, 
 
 
 OLD_LAYOUT_SCRIPT = """
-import sys
+import importlib, sys
 import numpy as np, mlflow, torch
-from steps.artifacts import log_classifier   # where the library sat before steps/tracking/
 from steps.core.model import build_model
 
+log_classifier = importlib.import_module(sys.argv[3]).log_classifier
 torch.manual_seed(0)
 network = build_model("mlp").eval()
 images = np.load(sys.argv[1])
@@ -348,41 +349,47 @@ with mlflow.start_run():
     print(log_classifier(network, "mlp", None, images[:2]).model_uri)
 """
 
+# Each earlier home of the served model's code, and the module that logged it there: the
+# library before steps/tracking/, and the flat steps/tracking/ before its rooms.
+OLD_LAYOUTS = {"steps/serving.py": "steps.artifacts",
+               "steps/tracking/serving.py": "steps.tracking.artifacts"}
 
-def old_layout(dest) -> str:
-    """The project as it was before the library moved into ``steps/tracking/``, from git."""
+
+def old_layout(dest, served: str) -> str:
+    """The project as it was just before ``served`` moved away, from git."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True,
                               check=True).stdout.strip()
 
-    moved = git("log", "--diff-filter=D", "--format=%H", "-1", "--", "steps/serving.py")
-    assert moved, "git history has no commit that moved steps/serving.py (a shallow clone?)"
+    moved = git("log", "--diff-filter=D", "--format=%H", "-1", "--", served)
+    assert moved, f"git history has no commit that moved {served} (a shallow clone?)"
     subprocess.run(f"git archive {moved}^ steps | tar -x -C {dest}", shell=True, check=True,
                    cwd=PROJECT_DIR)
-    assert (dest / "steps" / "serving.py").is_file()
+    assert (dest / served).is_file()
     return moved
 
 
-def test_a_classifier_logged_by_the_old_layout_still_loads_and_serves(tracking_uri, tmp_path,
-                                                                      digits):
+@pytest.mark.parametrize("served", OLD_LAYOUTS)
+def test_a_classifier_logged_by_an_old_layout_still_loads_and_serves(tracking_uri, tmp_path,
+                                                                     digits, served):
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
     old = tmp_path / "old"
     old.mkdir()
-    old_layout(old)
+    old_layout(old, served)
     images = digits[0].astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     logged = subprocess.run(
         [sys.executable, "-c", OLD_LAYOUT_SCRIPT, str(tmp_path / "images.npy"),
-         str(tmp_path / "expected.npy")],
+         str(tmp_path / "expected.npy"), OLD_LAYOUTS[served]],
         cwd=old, env={**subprocess_env(), "PYTHONPATH": str(old)}, capture_output=True,
         text=True, timeout=300)
     assert logged.returncode == 0, logged.stderr[-3000:]
     model_uri = logged.stdout.split()[-1]
     expected = np.load(tmp_path / "expected.npy")
-    # Loaded and served here, where steps/serving.py no longer exists.
-    assert not (PROJECT_DIR / "steps" / "serving.py").exists()
+    # Loaded and served here, where that file no longer exists.
+    assert not (PROJECT_DIR / served).exists()
     model = mlflow.pyfunc.load_model(model_uri)
     assert model.predict(images)["label"].tolist() == expected.tolist()
     # The app `mlflow models serve` runs, without its process start-up.
@@ -406,13 +413,6 @@ def test_mlflow_evaluate_takes_the_classifiers_labels_as_its_predictions(champio
     expected = (model.predict(images)["label"].to_numpy() == labels).mean()
     assert result.metrics["accuracy_score"] == pytest.approx(expected)
     assert "confusion_matrix" in result.artifacts
-
-
-def documented_python(page: str, heading: str) -> str:
-    """The first ```python block under ``heading`` in docs/``page``."""
-    text = (PROJECT_DIR / "docs" / page).read_text()
-    section = text[text.index(heading):]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.slow

@@ -50,10 +50,6 @@ def rank(candidate: Candidate, metric: str) -> tuple:
     return sign * candidate.score, -candidate.version
 
 
-def best_of(pool: list[Candidate], metric: str) -> Candidate:
-    return max(pool, key=lambda c: rank(c, metric))
-
-
 def candidates(client, name: str, metric: str, barred: bool = False
                ) -> dict[int, Candidate]:
     """Every version of ``name`` that carries ``metric`` and a data digest; versions barred

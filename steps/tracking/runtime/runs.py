@@ -36,7 +36,7 @@ class Ending:
     that writes its own status over the run's (see :func:`ended`)."""
 
     status: str  # FINISHED, FAILED or KILLED
-    cause: str = ""  # one of CAUSES; "" for FINISHED
+    cause: str = ""  # INTERRUPTED, ERROR, ...; "" for FINISHED
     because: str = ""  # what happened, one line
 
     def tags(self) -> dict[str, str]:
@@ -57,7 +57,6 @@ ERROR = "error"  # the step failed; the line says why
 PROCESS_GONE = "process gone"  # killed outright or crashed, found by a later run
 WORKER_LOST = "worker lost"  # a tune worker stopped beating; a surviving worker closed it
 AGENT_LOST = "agent lost"  # torch's elastic agent died; the tracking rank closed it
-CAUSES = (INTERRUPTED, ERROR, PROCESS_GONE, WORKER_LOST, AGENT_LOST)
 
 
 def ended(run) -> Ending:
