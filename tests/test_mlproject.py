@@ -45,6 +45,7 @@ def test_click_options_match_mlproject(entry_point):
     for name, spec in declared.items():
         param = options[name]
         assert _type_name(param) == spec["type"], name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in ENTRY_POINTS[entry_point]["command"]
         if "default" not in spec:  # required in MLproject, so required in click
             assert param.required, name
             continue
@@ -52,7 +53,6 @@ def test_click_options_match_mlproject(entry_point):
         if isinstance(default, bool):
             default = str(default).lower()
         assert default == spec["default"], name
-        assert f"--{name.replace('_', '-')} {{{name}}}" in ENTRY_POINTS[entry_point]["command"]
 
 
 @pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))

@@ -9,11 +9,13 @@ the secret. A wrong login and a user without permission on the model fail in one
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -168,11 +170,21 @@ def test_the_pipeline_runs_against_an_authenticated_server(auth_server, as_user)
     for path in text_files(auth_server["root"] / "artifacts"):
         assert ADMIN_PASSWORD.encode() not in path.read_bytes(), path
     # `make serve` of the champion against the same server, with the same environment.
-    serve, _ = start_listening(  # returns once /ping answers: the champion loads and serves
+    serve, port = start_listening(  # returns once /ping answers: the champion loads
         lambda port: ["make", "-s", "-C", str(PROJECT_DIR), "serve", f"PORT={port}"],
         auth_server["root"] / "serve.log", "/ping")
-    os.killpg(serve.pid, signal.SIGTERM)
-    serve.wait(timeout=30)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": [[[0] * 28] * 28]}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            labels = [p["label"] for p in json.loads(response.read())["predictions"]]
+        assert len(labels) == 1 and 0 <= labels[0] <= 9
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+    assert ADMIN_PASSWORD not in (auth_server["root"] / "serve.log").read_text()
 
 
 LAUNCHERS = {
@@ -297,7 +309,9 @@ def test_a_slow_server_is_waited_for_and_a_refusing_one_is_not(monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowAnswer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        waited = time.monotonic()
         store.check_tracking_server(f"http://127.0.0.1:{server.server_address[1]}")
+        assert time.monotonic() - waited >= 1.4  # it waited for the answer
     finally:
         server.shutdown()
         server.server_close()

@@ -108,7 +108,7 @@ def test_the_evaluate_run_lists_the_confusion_matrix(ui, page):
               f"{evaluate.info.run_id}/artifacts?{TRAINING_VIEW}")
     page.get_by_text("confusion_matrix.png", exact=True).first.wait_for()
     page.get_by_text("confusion_matrix.png", exact=True).first.click()
-    page.wait_for_timeout(1500)  # let the preview draw
+    page.locator("img[src*='confusion_matrix']").first.wait_for()  # the preview drew
     screenshot(page, "evaluate-artifacts")
 
 
