@@ -108,7 +108,9 @@ def test_the_evaluate_run_lists_the_confusion_matrix(ui, page):
               f"{evaluate.info.run_id}/artifacts?{TRAINING_VIEW}")
     page.get_by_text("confusion_matrix.png", exact=True).first.wait_for()
     page.get_by_text("confusion_matrix.png", exact=True).first.click()
-    page.locator("img[src*='confusion_matrix']").first.wait_for()  # the preview drew
+    # The preview drew: MLflow shows the artifact as an image named after it, once loaded.
+    page.wait_for_function("() => [...document.querySelectorAll("
+                           "\"img[alt='confusion_matrix.png']\")].some(i => i.naturalWidth > 0)")
     screenshot(page, "evaluate-artifacts")
 
 
