@@ -51,6 +51,8 @@ test-fast: setup  ## unit tests only
 
 lint: setup
 	$(BIN)/ruff check steps tests bench tools plugins deploy
+	$(BIN)/actionlint -shellcheck=$(BIN)/shellcheck
+	$(BIN)/python tools/conda_env.py --check
 
 # One person's UI: one worker, and without MLflow's GenAI job runner, which nothing here
 # uses (seven more processes, about 50 s of CPU at every start: docs/results.md).

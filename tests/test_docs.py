@@ -1,5 +1,5 @@
-"""README and docs/: every relative link and image resolves, every parameter table agrees
-with MLproject, and README stays a five-minute read."""
+"""README, CONTRIBUTING.md and docs/: every relative link and image resolves, every parameter
+table agrees with MLproject, and README stays a five-minute read."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "CONTRIBUTING.md"]
 ENTRY_POINTS = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE_BLOCK = re.compile(r"^```.*?^```", re.M | re.S)

@@ -79,8 +79,8 @@ def test_conda_env_lists_exactly_the_pinned_requirements():
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip_section = next(d for d in conda["dependencies"] if isinstance(d, dict))["pip"]
     assert pip_section == conda_env.pins()
-    for pin in ("torch==2.14.1", "torchvision==0.29.1", "mlflow==3.17.2"):
-        assert pin in pip_section
+    # Read from the pins, not written here: a Dependabot pull request moves them.
+    assert {"torch", "torchvision", "mlflow"} <= {pin.split("==")[0] for pin in pip_section}
     # MLflow names the conda environment by conda.yaml's text; an included file would let
     # a pin change without the name changing.
     assert not [line for line in pip_section if line.startswith("-")]
@@ -88,11 +88,12 @@ def test_conda_env_lists_exactly_the_pinned_requirements():
 
 
 def test_a_pin_change_changes_conda_yaml(tmp_path):
+    torch = next(pin for pin in conda_env.pins() if pin.startswith("torch=="))
     requirements = tmp_path / "requirements.txt"
     requirements.write_text((ROOT / "requirements.txt").read_text().replace(
-        "torch==2.14.1", "torch==2.15.0"))
+        torch + "\n", "torch==99.0.0\n"))
     assert conda_env.render(requirements) != conda_env.render()
-    assert "torch==2.15.0" in conda_env.render(requirements)
+    assert "torch==99.0.0" in conda_env.render(requirements)
 
 
 def test_setup_and_ci_install_the_same_pins():
