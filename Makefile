@@ -1,7 +1,9 @@
 # Everything runs inside .venv, created on first use from the pinned requirements.
 VENV      ?= .venv
 PYTHON    ?= python3
-BIN       := $(CURDIR)/$(VENV)/bin
+# Relative, so that a project folder whose path has spaces needs no quoting: every recipe
+# runs in it.
+BIN       := $(VENV)/bin
 STAMP     := $(VENV)/.installed
 ARGS      ?=
 PORT      ?= 5001
@@ -13,7 +15,7 @@ TRACKING  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 # The experiment run, tune, ui and serve use: MLFLOW_EXPERIMENT_NAME if set, else a named
 # one (plain `mlflow run .` keeps whatever experiment MLflow is given).
 EXPERIMENT ?= $(or $(MLFLOW_EXPERIMENT_NAME),mnist-pipeline)
-export PATH := $(BIN):$(PATH)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI := $(TRACKING)
 # MLflow's launcher prints run links with the tracking URI as given, password included;
 # the steps print their own, redacted ones.
@@ -23,7 +25,7 @@ export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 run tune ui serve: export MLFLOW_EXPERIMENT_NAME := $(EXPERIMENT)
 
-.PHONY: setup run test test-fast lint ui serve mlserver mlserver-env bench tune clean conda-env screenshots
+.PHONY: setup run test test-fast lint ui serve mlserver mlserver-env checkov-env bench tune clean conda-env screenshots
 
 setup: $(STAMP)
 
@@ -65,7 +67,7 @@ ui: setup  ## MLflow UI on the same store, opening on the experiment's training 
 		--workers $(UI_WORKERS)
 
 serve: setup  ## REST server for the champion on 127.0.0.1:$(PORT)
-	$(BIN)/mnist-pipeline-preflight --model "$(MODEL)"
+	$(BIN)/mnist-pipeline-preflight --model "$(MODEL)" --port $(PORT)
 	$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 # MLServer (the KServe V2 server) needs an older FastAPI, Starlette and protobuf than the
@@ -83,10 +85,21 @@ $(MLSERVER_VENV)/.installed: requirements.txt deploy/mlserver/requirements.txt \
 
 mlserver-env: $(MLSERVER_VENV)/.installed
 
+# checkov, the security scanner tests/test_deploy.py runs on deploy/, cannot share the
+# project's pins either (requirements-checkov.txt says why): a virtualenv of its own.
+CHECKOV_VENV ?= .venv-checkov
+
+$(CHECKOV_VENV)/.installed: requirements-checkov.txt | $(STAMP)
+	$(BIN)/uv venv --quiet --allow-existing --python $(BIN)/python $(CHECKOV_VENV)
+	$(BIN)/uv pip install --quiet --python $(CHECKOV_VENV)/bin/python -r requirements-checkov.txt
+	touch $@
+
+checkov-env: $(CHECKOV_VENV)/.installed
+
 # It serves the model deploy/mlserver/mnist-classifier/model-settings.json names: the
 # champion (MLServer takes that file's uri over any environment variable).
 mlserver: mlserver-env  ## the champion on MLServer's V2 protocol, 127.0.0.1:$(MLSERVER_PORT)
-	PYTHONPATH=$(CURDIR) MLSERVER_HTTP_PORT=$(MLSERVER_PORT) \
+	PYTHONPATH="$(CURDIR)" MLSERVER_HTTP_PORT=$(MLSERVER_PORT) \
 		MLSERVER_GRPC_PORT=$(MLSERVER_GRPC_PORT) \
 		$(MLSERVER_VENV)/bin/mlserver start deploy/mlserver
 

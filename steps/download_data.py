@@ -7,17 +7,20 @@ Writes: artifact ``data/`` = ``dataset.npz`` (uint8 images, int64 labels; loads 
         inputs ``<dataset>-train`` / ``<dataset>-test`` via ``mlflow.log_input``;
         params ``dataset``, ``data_dir``; metrics ``train_size``, ``test_size``;
         tags ``pipeline.step``, ``pipeline.dataset``, ``pipeline.data_uri``,
-        ``pipeline.data_digest``.
+        ``pipeline.data_digest``; run alone, the cache key main would give it (main then
+        reuses the run).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from pathlib import Path
 
 import click
 
 from steps.core.data import DataError
+from steps.tracking.pipeline.inputs import findable_by_main
 from steps.tracking.runtime import options, tags
 from steps.tracking.runtime.cli import StepError, run_cli
 from steps.tracking.runtime.runs import log_cli_params, log_dataset, run_link, step_run
@@ -36,6 +39,9 @@ def cli(dataset: str, data_dir: str) -> None:
 
     with step_run("download_data", **{tags.DATASET: dataset}) as run:
         log_cli_params()
+        # main resolves data_dir before it keys the step; so does a run of it alone.
+        full_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else ""
+        findable_by_main("download_data", {"data_dir": full_dir}, data_dir=full_dir)
         try:
             ds = load_dataset(dataset, data_dir)
         except DataError as exc:

@@ -37,7 +37,9 @@ server: data, settings and checkpoint come from node 0; one that is started agai
 its processes died joins the job's next round.
 
 ``--resume RUN_ID`` continues that KILLED or FAILED train run (same parameters required;
-``--data`` may stay empty). Under ``mlflow run`` the launcher's own new run then only
+``--data`` may stay empty). A train run started alone with parameters main could have
+passed (the others at their defaults) carries main's cache key: ``mlflow run .`` continues
+it if it stopped, and reuses it if it finished. Under ``mlflow run`` the launcher's own new run then only
 points at it (``pipeline.step`` = ``resume``, ``pipeline.resumed_run_id``).
 """
 
@@ -50,6 +52,7 @@ import sys
 import click
 
 from steps.core.choices import parse_hidden
+from steps.tracking.pipeline.inputs import findable_by_main
 from steps.tracking.runtime import options, tags
 from steps.tracking.runtime.cli import StepError, run_cli
 from steps.tracking.runtime.runs import (
@@ -135,6 +138,8 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
                                  run.info.experiment_id))
             data = f"runs:/{upstream.info.run_id}/data"
         log_cli_params(data=data)
+        if continued is None:  # so that main continues it if it stops, or reuses it
+            findable_by_main("train", {"data": data}, {"download_data": data})
         if scale.supervised:
             # The ranks train and log; this process waits, and ends the run for them.
             elastic.launch(scale, [*sys.argv[1:], "--data", data], run.info.run_id)

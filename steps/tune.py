@@ -10,7 +10,8 @@ Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``opti
         goes on); on this run: params (every option), metrics ``best_val_accuracy``,
         ``completed_trials``, ``pruned_trials``, params ``best_<name>`` for the winner,
         figures ``optimization_history.png`` and ``param_importances.png``;
-        the best trial's models (``model`` and ``classifier``) in the best trial's run;
+        the best trial's models (``model`` and ``classifier``) in the best trial's run
+        (a worker of a shared study none of whose own trials completed logs none);
         tags ``pipeline.model_uri`` (best classifier), ``pipeline.best_trial_run_id``,
         ``pipeline.data_uri``; with a shared study, ``pipeline.study_name`` and the study's
         best over all workers as ``study_best_val_accuracy`` and ``pipeline.study_best_run_id``.
@@ -45,6 +46,7 @@ from steps.tracking.runtime.runs import (
     log_cli_params,
     run_link,
     step_run,
+    take_back,
 )
 from steps.tracking.runtime.store import check_store
 from steps.tracking.training.trials import (
@@ -85,7 +87,9 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
 
     absolutize_tracking_uri()
     check_store()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna's own lines (a failed trial's traceback among them) stay off the console; the
+    # sweep says what happened in its own.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if study_name and not storage:
         raise StepError("study_name is only used with storage (a study in memory is not "
                         "shared); pass storage too, or leave study_name empty")
@@ -98,7 +102,6 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
             "download_data", {"dataset": dataset, "data_dir": data_dir}, data_dir=data_dir)
         data_uri = data_run.data.tags[tags.DATA_URI]
         mlflow.set_tag(tags.DATA_URI, data_uri)
-        objective = Objective(load_data_artifact(data_uri), data_uri, epochs, seed, patience)
         study = optuna.create_study(
             direction="maximize", study_name=study_name or f"tune-{parent.info.run_id}",
             storage=shared, load_if_exists=True,
@@ -109,18 +112,18 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
         )
         if shared is not None:
             mlflow.set_tag(tags.STUDY_NAME, study.study_name)
-        # A diverging trial (StepError) is a FAILED run and a failed trial, not a failed sweep.
-        study.optimize(objective, n_trials=trials, timeout=timeout or None,
-                       catch=(StepError,), gc_after_trial=False)
+        objective = Objective(study, load_data_artifact(data_uri), data_uri, epochs, seed,
+                              patience, heartbeat_interval * MISSED_BEATS)
+        run_trials(study, objective, trials, timeout)
+        if objective.all_given_up:  # in case the survivor closed our run after we looked
+            take_back(parent.info.run_id)
         best = objective.best
-        if best is None:
+        completed = any(t.state.name == "COMPLETE" for t in study.trials)
+        # In a shared study another worker's completed trial is this sweep's result too.
+        if best is None and not (shared is not None and completed):
             raise StepError("no trial completed (all were pruned or failed); "
                             "widen the search with more epochs or trials")
-        with mlflow.start_run(run_id=best.run_id, nested=True):
-            model_uri = log_models(best.network, best.config.arch, best.config.hidden,
-                                   best.example, step=best.epoch)
         best_params = log_sweep_summary(study)
-        mlflow.set_tags({tags.MODEL_URI: model_uri, tags.BEST_TRIAL_RUN: best.run_id})
         if shared is not None:
             study_best = study.best_trial
             mlflow.log_metric("study_best_val_accuracy", study_best.value)
@@ -129,8 +132,18 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
                      "%.4f in trial %d (run %s); this worker ran %d", study.study_name,
                      len(study.trials), study_best.value, study_best.number,
                      study_best.user_attrs.get(TRIAL_RUN_ATTR, "?"), objective.trials_run)
-        pruned = sum(t.state.name == "PRUNED" for t in study.trials)
         as_params = " ".join(f"-P {k}={v}" for k, v in best_params.items())
+        if best is None:
+            log.info("tune: none of this worker's %d trials completed (pruned, failed or "
+                     "given up), so it logs no model; retrain the study's best through the "
+                     "pipeline:  mlflow run . --env-manager local %s -P model_name=%s\n  %s",
+                     objective.trials_run, as_params, model_name, run_link(parent))
+            return
+        with mlflow.start_run(run_id=best.run_id, nested=True):
+            model_uri = log_models(best.network, best.config.arch, best.config.hidden,
+                                   best.example, step=best.epoch)
+        mlflow.set_tags({tags.MODEL_URI: model_uri, tags.BEST_TRIAL_RUN: best.run_id})
+        pruned = sum(t.state.name == "PRUNED" for t in study.trials)
         log.info(
             "tune: %d trials (%d pruned), best val_accuracy %.4f: %s\n"
             "  best model (this process's best trial, run %s): %s\n"
@@ -142,6 +155,30 @@ def cli(dataset: str, data_dir: str, trials: int, epochs: int, timeout: int, see
             model_uri, model_uri, model_uri, model_name, as_params, model_name,
             run_link(parent),
         )
+
+
+def run_trials(study, objective, trials: int, timeout: int) -> None:
+    """Run ``trials`` trials of ``study``, starting none after ``timeout`` seconds (0: no
+    limit), one ``optimize`` call each.
+
+    A diverging trial (StepError) is a FAILED run and a failed trial, not a failed sweep. A
+    trial given up under a paused worker (:class:`Objective`) is one of the trials run:
+    Optuna refuses to record it again (``Cannot tell a FAIL trial``), and the sweep goes on
+    with the next one (optuna/optuna#5470 asks for a worker to learn this sooner).
+    """
+    import time
+
+    started = time.monotonic()
+    for _ in range(trials):
+        left = timeout - (time.monotonic() - started) if timeout else None
+        if left is not None and left <= 0:
+            break
+        try:
+            study.optimize(objective, n_trials=1, timeout=left, catch=(StepError,),
+                           gc_after_trial=False)
+        except ValueError:
+            if objective.given_up is None:
+                raise
 
 
 def open_storage(storage: str, heartbeat_interval: int = 0):

@@ -250,3 +250,23 @@ def test_one_runs_deleted_models_rerun_train_and_what_follows(tracking_uri):
     assert made["train"].line() in second.stderr  # what main said is what its run keeps
     assert "reused: download_data\n" in second.stderr
     _champion_loads()
+
+
+@pytest.mark.slow
+def test_steps_run_alone_are_reused_by_main_unless_main_could_not_have_run_them(tracking_uri):
+    client = mlflow.MlflowClient()
+    for step, extra in (("download_data", ()), ("train", ("-P", "val_fraction=0.3")),
+                        ("train", ())):
+        alone = mlflow_run("-e", step, *DIGITS[:2] if step == "download_data" else DIGITS[2:],
+                           *extra)
+        assert alone.returncode == 0, alone.stderr[-3000:]
+    data_run, *trains = (run for step in ("download_data", "train") for run in client.search_runs(
+        ["0"], f"tags.`pipeline.step` = '{step}'", order_by=["attributes.start_time ASC"]))
+    assert [tags.CACHE_KEY in r.data.tags for r in (data_run, *trains)] == [True, False, True]
+    pipeline = mlflow_run(*DIGITS)
+    assert pipeline.returncode == 0, pipeline.stderr[-3000:]
+    made = decisions()
+    assert made["download_data"] == Decision("download_data", cache.REUSE, data_run.info.run_id)
+    # The train run with its own val_fraction trained another model: not main's to reuse.
+    assert made["train"] == Decision("train", cache.REUSE, trains[1].info.run_id)
+    assert [made[s].action for s in ("evaluate", "register")] == [cache.RUN, cache.RUN]

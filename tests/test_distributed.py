@@ -483,3 +483,44 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
         assert run.info.status == "FINISHED"
         assert json.loads(run.data.tags[tags.RESUMES])[0]["from_epoch"] == saved + 1
         assert_same_training(metric_histories(jobs[2]), metric_histories(run_id))
+
+
+@pytest.mark.slow
+def test_a_lost_agent_stops_its_ranks_and_its_run_is_continued_without_retraining(jobs):
+    """SIGKILL to the train step's own process (torch's elastic agent; an OOM kill, a lost
+    supervisor) during epoch 2: the ranks stop within 10 s (the kernel's parent-death
+    signal), the tracking rank closes the run as interrupted with its checkpoint, and
+    ``resume`` continues it to the uninterrupted result, no epoch trained twice."""
+    from steps.tracking.runtime.runs import AGENT_LOST, ended
+
+    with temporary_store(jobs["root"]):
+        client = mlflow.MlflowClient()
+        before = {r.info.run_id for r in train_runs()}
+        params = ["-P", f"data={jobs['data']}", "-P", f"epochs={EPOCHS}", "-P", "workers=2",
+                  "-P", "device=cpu"]
+        proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
+                      "train", "--env-manager", "local", *params])
+        run_id = _new_train_run(before, proc, epoch=0)
+        ranks = _every_rank_of(run_id, timeout=120)
+        assert sorted(ranks) == [0, 1]
+        _new_train_run(before, proc, epoch=1)
+        # The ranks' parent: the train step's own `python -m steps.train`, under the launcher.
+        agent = psutil.Process(ranks[0]).parent()
+        assert "steps.train" in agent.cmdline() and agent.pid != proc.pid
+        agent.kill()
+        proc.communicate(timeout=60)
+        wait_until(lambda: ranks_of(run_id) == {}, 10, "the ranks of the lost agent to stop",
+                   poll=0.1)
+        run = wait_until(lambda: (r := client.get_run(run_id)).data.tags.get(
+            tags.ENDED_CAUSE) and r, 30, "the tracking rank to close the run")
+        # MLflow's launcher may write FAILED, before or after the rank (its rule, as after
+        # any interrupt of the run it launched); the run's own account says KILLED.
+        assert (ended(run).status, ended(run).cause) == ("KILLED", AGENT_LOST)
+        assert run.info.status in ("KILLED", "FAILED")
+        saved = json.loads(run.data.tags[tags.CHECKPOINT])["epoch"]
+        logged = [m.step for m in client.get_metric_history(run_id, "val_accuracy")]
+        assert saved == max(logged) and 1 <= saved < EPOCHS  # nothing ran on unsupervised
+        result = mlflow_run("-e", "train", *params, "-P", f"resume={run_id}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert_same_training(metric_histories(jobs[2]), metric_histories(run_id))

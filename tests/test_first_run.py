@@ -25,9 +25,11 @@ PIP_CONFIG_NOTICE = re.compile(
 
 def test_the_first_make_run_on_a_clean_clone_prints_no_python_warning(tmp_path):
     """Setup included: a fresh .venv from the pinned requirements, the preflight plugin
-    installed editable, then the whole pipeline."""
-    clone = copy_project(tmp_path / "clone")
-    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    installed editable, then the whole pipeline, in a folder whose path has spaces."""
+    # A folder as users name theirs: spaces and a letter outside ASCII.
+    clone = copy_project(tmp_path / "My Projects" / "mnist pipeline ü")
+    env = subprocess_env()
+    env.pop("MLFLOW_TRACKING_URI", None)  # the Makefile's own store, mlflow.db in the clone
     # Only the system's tools: the Makefile must build and use its own environment.
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != VENV_BIN)
     env.pop("PYTHONPATH")
@@ -41,6 +43,7 @@ def test_the_first_make_run_on_a_clean_clone_prints_no_python_warning(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "main: done. test_accuracy" in result.stderr
+    assert (clone / "mlflow.db").is_file()
     assert not re.findall(r"\w+Warning\b", output), output[-5000:]
     noticed = [line for line in output.splitlines() if "warn" in line.lower()
                and not PIP_CONFIG_NOTICE.match(line)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from helpers.processes import mlflow_run
+from helpers.processes import assert_clean_failure, mlflow_run, run_step
 from helpers.store import temporary_store
 from steps.tracking.runtime import tags
 
@@ -174,3 +174,29 @@ def test_a_rerun_after_a_failure_recomputes_the_failed_step(failed):
     retried = children[1]
     assert retried.data.tags[tags.STEP] == "train"  # ran again, not reused
     assert retried.info.run_id != failed_train.info.run_id
+
+
+def test_a_given_run_name_and_experiment_are_kept(tracking_uri):
+    """``--run-name`` names main's run (the derived name is only for a run given none), and
+    ``--experiment-name`` holds main and its four steps."""
+    result = mlflow_run("--run-name", "nightly", "--experiment-name", "nightlies",
+                        "-P", "dataset=digits", "-P", "epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("nightlies")
+    runs = client.search_runs([experiment.experiment_id])
+    (main,) = [r for r in runs if r.data.tags[tags.STEP] == "main"]
+    assert main.info.run_name == "nightly"
+    assert sorted(r.data.tags[tags.STEP] for r in runs if r is not main) == [
+        "download_data", "evaluate", "register", "train"]
+    assert client.search_runs(["0"]) == []
+
+
+def test_a_step_alone_says_in_which_experiment_its_upstream_runs_are(tracking_uri):
+    made = run_step("download_data", "--dataset", "digits",
+                    MLFLOW_EXPERIMENT_NAME="mnist-pipeline")  # as `make run` leaves it
+    assert made.returncode == 0, made.stderr[-3000:]
+    result = mlflow_run("-e", "train", "-P", "epochs=1")  # in Default
+    assert_clean_failure(result, "no finished download_data run",
+                         "download_data runs are in experiment 'mnist-pipeline' (make run's): "
+                         "add --experiment-name mnist-pipeline")

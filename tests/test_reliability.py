@@ -289,3 +289,13 @@ def test_an_experiment_another_launcher_created_meanwhile_is_taken_as_created(tr
     assert calls == []
     assert {e.name for e in mlflow.MlflowClient().search_experiments()} == {
         "mnist-pipeline", "Default"}
+
+
+def test_a_folder_store_is_refused_in_one_line_by_make_run(tmp_path):
+    """MLflow 3.17 refuses a file: store (maintenance mode); make run says so before any
+    step, in one line naming MLflow's opt-out."""
+    result = subprocess.run(["make", "-s", "-C", str(PROJECT_DIR), "run"],
+                            env=subprocess_env(MLFLOW_TRACKING_URI=f"file://{tmp_path}/mlruns"),
+                            capture_output=True, text=True, timeout=120)
+    assert_clean_failure(result, "maintenance mode", "MLFLOW_ALLOW_FILE_STORE=true")
+    assert not (tmp_path / "mlruns").exists()

@@ -276,6 +276,19 @@ def test_make_serve_without_a_champion_is_one_line(tracking_uri):
                          "make run")
 
 
+def test_make_serve_on_a_taken_port_names_the_port(tracking_uri):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(["make", "-s", "-C", str(PROJECT_DIR), "serve", f"PORT={port}"],
+                                env=subprocess_env(), capture_output=True, text=True,
+                                timeout=120)
+    assert_clean_failure(result, f"PORT={port} on 127.0.0.1 is taken", f"PORT={port + 1}")
+
+
 def test_predict_bad_inputs(champion, tmp_path):
     result = run_step("predict", "--images", str(tmp_path / "missing.png"))
     assert result.returncode != 0 and "error: images=" in result.stderr
@@ -433,3 +446,27 @@ def test_the_documented_onnx_export_answers_like_pyfunc(champion, digits, tmp_pa
 
     state = torch.load("mnist-network.pt", weights_only=True)
     assert set(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_a_csv_without_its_header_line_is_told_so_and_one_with_it_is_answered(champion,
+                                                                              digits):
+    """MLflow's CSV parser takes a CSV's first line as its header: one headerless row of
+    784 pixels arrives as column names and no rows."""
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    model = mlflow.pyfunc.load_model(champion["model_uri"])
+    client = TestClient(scoring_server.init(model))
+    images, _ = digits
+    rows = [",".join(str(int(v)) for v in image.reshape(784)) for image in images[:2]]
+    for headerless in (rows[0], "\n".join(rows)):
+        response = client.post("/invocations", content=headerless,
+                               headers={"Content-Type": "text/csv"})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith("images: the CSV has no header line")
+    header = ",".join(f"p{i}" for i in range(784))
+    response = client.post("/invocations", content="\n".join([header, *rows]),
+                           headers={"Content-Type": "text/csv"})
+    assert response.status_code == 200, response.text
+    assert [p["label"] for p in response.json()["predictions"]] == (
+        model.predict(images[:2])["label"].tolist())

@@ -21,6 +21,11 @@ def to_images(model_input) -> np.ndarray:
     list, a DataFrame of 784 pixel columns, or a DataFrame whose one column holds an array
     per image (what Spark hands a model for an ``array<float>`` column).
     """
+    if isinstance(model_input, pd.DataFrame) and _header_is_data(model_input.columns):
+        raise ValueError(
+            "the CSV has no header line: its first row of pixels was read as the column "
+            "names. A CSV's first line names the columns (784 of them, e.g. p0,...,p783); "
+            "add one, or send JSON")
     if isinstance(model_input, pd.DataFrame) and model_input.shape[1] == 1 and \
             model_input.dtypes.iloc[0].kind == "O":
         model_input = model_input.iloc[:, 0].to_numpy()
@@ -60,6 +65,19 @@ def to_images(model_input) -> np.ndarray:
     if low < 0 or high > 255:
         raise ValueError(f"pixels must be from 0 to 255; these range from {low:g} to {high:g}")
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _header_is_data(columns) -> bool:
+    """Whether a frame's column names are a row of pixel values (a CSV read without its
+    header line): all numbers, and not the distinct integers a header of pixel indices
+    would be. 784 values from 0 to 255 always repeat, and pandas renames a repeated name
+    ``0`` to ``0.1``, ``0.2``, ..."""
+    try:
+        values = [float(str(c)) for c in columns]
+    except ValueError:
+        return False
+    integers = all(v.is_integer() for v in values)
+    return bool(values) and not (integers and len(set(values)) == len(values))
 
 
 def _kind(array: np.ndarray) -> str:

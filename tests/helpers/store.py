@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from helpers.processes import VENV_BIN, free_port, start_listening
+from helpers.processes import VENV_BIN, free_port, start_listening, subprocess_env
 from helpers.waiting import wait_until
 from steps.tracking.runtime.store import prepare_store
 
@@ -112,6 +112,34 @@ class TrackingServer:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def basic_auth_server(root: Path, admin_password: str):
+    """``mlflow server --app-name basic-auth`` with proxied artifacts on 127.0.0.1, user
+    ``admin`` with ``admin_password``; yields its URL. MLflow's credential cache is on
+    (``auth_cache_ttl_seconds``): without it each request costs a password hash, about 1 s
+    on two cores."""
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 600\n")
+    env = subprocess_env(MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                         MLFLOW_AUTH_CONFIG_PATH=str(config),
+                         MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-csrf-key")
+    server, port = start_listening(
+        lambda port: [os.path.join(VENV_BIN, "mlflow"), "server", "--app-name", "basic-auth",
+                      "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                      "--artifacts-destination", str(root / "artifacts"),
+                      "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        root / "server.log", "/health", cwd=root, env=env)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def postgres_bin() -> Path | None:

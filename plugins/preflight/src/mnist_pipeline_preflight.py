@@ -60,14 +60,33 @@ def main() -> None:
 
     @click.command()
     @click.option("--model", default="", help="A model URI that must be loadable.")
-    def cli(model: str) -> None:
+    @click.option("--port", type=int, default=None,
+                  help="A port on 127.0.0.1 the server will listen on: it must be free.")
+    def cli(model: str, port: int | None) -> None:
         prepare()
+        if port is not None:
+            port_is_free(port)
         if model:
             from steps.tracking.inference.models import check_servable
 
             check_servable(model)
 
     run_cli(cli)
+
+
+def port_is_free(port: int) -> None:
+    """Refuse, in one line naming PORT, a port on 127.0.0.1 that something listens on
+    (uvicorn would end in a traceback)."""
+    import socket
+
+    from steps.tracking.runtime.cli import StepError
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise StepError(f"PORT={port} on 127.0.0.1 is taken ({exc.strerror}): stop what "
+                            f"listens there, or pick another, e.g. PORT={port + 1}") from None
 
 
 def _is_mlflow_run_launcher() -> bool:

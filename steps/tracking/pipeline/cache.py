@@ -9,7 +9,10 @@ it FINISHED and what it hands on still exists (a listing, not a download: see
 ``steps.tracking.runtime.artifacts.output_missing``). ``main`` creates each step's run with
 its key (``steps/tracking/pipeline/launch.py``), so a run with these inputs that ended
 KILLED or FAILED holding a checkpoint (train's, ``steps/tracking/training/checkpoints.py``)
-is found too, and continued in place rather than started again.
+is found too, and continued in place rather than started again. A step started alone
+(``mlflow run . -e train``) that main could have run with the same inputs carries the same
+key (``steps.tracking.pipeline.inputs.findable_by_main``): main reuses it, or continues it
+if it stopped.
 
 Each answer is a :class:`Decision`: what main does with the step and why, in fields; its
 :meth:`Decision.line` is the one line main prints, and the run it concerns keeps it as the
@@ -160,3 +163,4 @@ class StepCache:
             except MlflowException:
                 missing.append(f"model version {name}/{registered} no longer exists")
         return missing
+

@@ -14,6 +14,8 @@ A step's inputs are everything that can change its result:
 - for ``data_dir``, the names, sizes and modification times of the files in it.
 
 Their hash is the key the step cache finds a run by (``steps/tracking/pipeline/cache.py``).
+``main`` puts it on each step's run; a step started alone that main could have run the same
+way puts it on its own (:func:`findable_by_main`).
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from steps.tracking.runtime import tags
 from steps.tracking.runtime.project import (
     PACKAGE,
     PROJECT_DIR,
     PROJECT_FILES,
     entry_module,
+    entry_points,
     read_requirements,
 )
 
@@ -147,6 +152,48 @@ class StepInputs:
             return cls(**json.loads(text))
         except (ValueError, TypeError):
             return None
+
+
+def findable_by_main(entry_point: str, passed: dict[str, str],
+                     consumed: dict[str, str] | None = None, data_dir: str = "") -> bool:
+    """Give the active run of a step started alone the key main would give this step, so
+    that a later ``mlflow run .`` reuses it once it FINISHED, or continues it from its
+    checkpoint if it stopped. Returns whether the run was keyed.
+
+    ``passed``: what main would pass besides its own parameters (train's ``data``, the
+    resolved ``data_dir``); ``consumed``: upstream step -> the ``runs:/<id>/...`` URI used.
+    Only a step main could have run so is keyed: each parameter main does not pass is at
+    its default (a ``val_fraction`` of one's own is another training), and each consumed
+    URI is a run of that step. A run main created already carries its key.
+    """
+    import click
+    import mlflow
+    from mlflow.entities import RunTag
+
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    if tags.CACHE_KEY in client.get_run(run_id).data.tags:
+        return False
+    upstream = {}
+    for step, uri in (consumed or {}).items():
+        found = re.match(r"runs:/([0-9a-f]{32})/", uri)
+        if not found or client.get_run(found.group(1)).data.tags.get(tags.STEP) != step:
+            return False
+        upstream[step] = found.group(1)
+    ctx = click.get_current_context()
+    by_main = entry_points()["main"]["parameters"]
+    params = dict(passed)
+    for option in ctx.command.params:
+        value = ctx.params.get(option.name)
+        if option.name in passed:
+            continue
+        if option.name in by_main:
+            params[option.name] = "" if value is None else value
+        elif value != option.type_cast_value(ctx, option.get_default(ctx)):
+            return False
+    inputs = StepInputs.collect(entry_point, params, upstream, data_dir)
+    client.log_batch(run_id, tags=[RunTag(tags.CACHE_KEY, inputs.key()),
+                                   RunTag(tags.CACHE_INPUTS, inputs.to_json())])
+    return True
 
 
 # --------------------------------------------------------------------------- changes

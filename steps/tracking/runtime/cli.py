@@ -87,7 +87,10 @@ def _interrupt_once(signum, _frame):
     _interrupted = True
     if signum == signal.SIGINT:
         raise KeyboardInterrupt("SIGINT")  # the run's ended_because says which
-    raise Interrupted(signal.Signals(signum).name)
+    raise _raised_on.get(signum, Interrupted)(signal.Signals(signum).name)
+
+
+_raised_on: dict[int, type[Interrupted]] = {}  # signals besides SIGINT/SIGTERM that unwind
 
 
 def handle_interrupts() -> None:
@@ -99,12 +102,19 @@ def handle_interrupts() -> None:
             signal.signal(signum, _interrupt_once)
 
 
+def interrupt_on(signum: int, raised: type[Interrupted]) -> None:
+    """Have ``signum`` unwind the process too, as ``raised`` (an Interrupted of its own
+    kind, so that the handlers can tell why), under the same first-signal-only rule."""
+    _raised_on[signum] = raised
+    signal.signal(signum, _interrupt_once)
+
+
 def ignore_interrupts() -> None:
     """The process is closing its run or ending: no further SIGINT/SIGTERM may cut that
     short, also where a library replaced :func:`_interrupt_once` with a handler of its own
     (torch's elastic agent does, while it runs the ranks)."""
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, *_raised_on):
             signal.signal(signum, signal.SIG_IGN)
 
 

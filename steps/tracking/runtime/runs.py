@@ -109,6 +109,12 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
         if not nested:
             close_orphans(mlflow.MlflowClient(), run.info.experiment_id)
         yield run
+    except ClosedElsewhere:
+        # Another process closed this run, taking this one for lost: it stays as that
+        # process left it (its status written again, with MLflow's end_run).
+        with contextlib.suppress(Exception):
+            mlflow.end_run(mlflow.MlflowClient().get_run(run.info.run_id).info.status)
+        raise
     except KeyboardInterrupt as exc:
         ignore_interrupts()
         end_active_run(Ending("KILLED", INTERRUPTED,
@@ -125,6 +131,27 @@ def step_run(step: str, run_name: str | None = None, nested: bool = False,
             raise StepError(no_space(full)) from exc
         raise
     end_active_run(Ending("FINISHED"))
+
+
+class ClosedElsewhere(Exception):
+    """This process's run was closed by another process that took this one for lost (a
+    tune worker paused past Optuna's heartbeat grace, whose trial a surviving worker gave
+    up): :func:`step_run` leaves it as that process left it."""
+
+
+def take_back(run_id: str) -> bool:
+    """Open again a run of this process that another process closed, taking this one for
+    lost (see :class:`ClosedElsewhere`); how it had been closed goes to its
+    ``pipeline.resumes``. False if it was still RUNNING."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    earlier = client.get_run(run_id)
+    if earlier.info.status == "RUNNING":
+        return False
+    client.update_run(run_id, status="RUNNING")
+    _record_continuation(earlier)
+    return True
 
 
 def end_active_run(ending: Ending) -> None:

@@ -36,8 +36,11 @@ def check_tracking_server(uri: str | None = None) -> None:
         uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    user, password = (os.environ.get("MLFLOW_TRACKING_USERNAME"),
-                      os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    # The login MLflow's client sends: MLFLOW_TRACKING_USERNAME/PASSWORD, else MLflow's
+    # credentials file ~/.mlflow/credentials (what the Kubernetes manifests mount).
+    user, password = read_mlflow_creds()
     token = os.environ.get("MLFLOW_TRACKING_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search"

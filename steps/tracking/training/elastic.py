@@ -37,7 +37,7 @@ from pathlib import Path
 
 from steps.core.text import described, first_line
 from steps.tracking.runtime import tags
-from steps.tracking.runtime.cli import Interrupted, StepError
+from steps.tracking.runtime.cli import Interrupted, StepError, interrupt_on
 
 log = logging.getLogger("steps.train")
 
@@ -50,6 +50,9 @@ RENDEZVOUS_TIMEOUT_S = 300
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # what the agent stops the other ranks with
+# What the kernel sends a rank when its agent dies: a signal the agent never sends, because
+# at that moment the rank cannot yet tell from its parent (see follow_the_agent).
+AGENT_DEATH_SIGNAL = signal.SIGHUP
 ENDPOINT_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):(?P<port>\d{1,5})$")
 
 
@@ -340,17 +343,27 @@ def join_job():
     return replica, previous
 
 
+class AgentLost(Interrupted):
+    """The agent that started this rank died (its parent-death signal, or found gone)."""
+
+
 def follow_the_agent() -> None:
-    """Have the kernel send this rank SIGTERM when its agent dies (Linux's parent-death
-    signal), so that a lost agent (OOM-killed, its supervisor gone) leaves no rank training
-    unsupervised. An agent that died before this call is caught by the check after it."""
+    """Have the kernel send this rank :data:`AGENT_DEATH_SIGNAL` when its agent dies
+    (Linux's parent-death signal), so that a lost agent (OOM-killed, its supervisor gone)
+    leaves no rank training unsupervised. An agent that died before this call is caught by
+    the check after it.
+
+    The signal, not :func:`agent_gone`, says that the agent died: it comes when the thread
+    that started the rank ends, and while the agent's other threads are still being torn
+    down the rank's parent is still the agent's pid (measured: 1 run in 3)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
+        interrupt_on(AGENT_DEATH_SIGNAL, AgentLost)
         pr_set_pdeathsig = 1  # <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, AGENT_DEATH_SIGNAL)
     if agent_gone():
-        raise Interrupted("its agent was gone")
+        raise AgentLost("its agent was gone")
 
 
 def agent_gone() -> bool:
@@ -435,9 +448,9 @@ def joined_run():
                   "checkpoint")
     try:
         yield run
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
-            if agent_gone():
+            if isinstance(exc, AgentLost) or agent_gone():
                 end_active_run(lost)
             else:
                 mlflow.end_run("RUNNING")

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 
 from steps.core.choices import ARCHS, OPTIMIZERS
 from steps.tracking.runtime import tags
-from steps.tracking.runtime.runs import WORKER_LOST, Ending, end_run, step_run
+from steps.tracking.runtime.cli import StepError
+from steps.tracking.runtime.runs import (
+    WORKER_LOST,
+    ClosedElsewhere,
+    Ending,
+    end_run,
+    step_run,
+    take_back,
+)
 from steps.tracking.training.fit import fit_and_log
 
 log = logging.getLogger("steps.tune")
@@ -65,14 +73,25 @@ class BestTrial:
 
 
 class Objective:
-    """Optuna's objective: each call trains one trial as a nested run of the active run."""
+    """Optuna's objective: each call trains one trial as a nested run of the active run.
 
-    def __init__(self, dataset, data_uri: str, epochs: int, seed: int,
-                 patience: int = 0) -> None:
-        self.dataset, self.data_uri, self.epochs, self.seed = dataset, data_uri, epochs, seed
-        self.patience = patience
+    A trial can be given up under it: paused past the heartbeat's grace (a laptop lid
+    closed, SIGSTOP), this worker wakes to find its trial FAILED by a surviving worker,
+    which retries its parameters and closed its runs KILLED. The trial is then left as they
+    left it, the worker's ``tune`` run is taken back, and the trial ends pruned, which
+    Optuna then refuses to record over the FAIL (:attr:`given_up` says so; ``tune`` goes
+    on with its next trial).
+    """
+
+    def __init__(self, study, dataset, data_uri: str, epochs: int, seed: int,
+                 patience: int = 0, grace_period: int = 0) -> None:
+        self.study, self.dataset, self.data_uri = study, dataset, data_uri
+        self.epochs, self.seed, self.patience = epochs, seed, patience
+        self.grace_period = grace_period
         self.best: BestTrial | None = None
         self.trials_run = 0
+        self.given_up: int | None = None  # this call's trial, if it was given up under us
+        self.all_given_up: list[int] = []
 
     def __call__(self, trial) -> float:
         import mlflow
@@ -81,6 +100,7 @@ class Objective:
         from steps.core.choices import parse_hidden
         from steps.core.training import TrainConfig
 
+        self.given_up = None
         params = search_space(trial)
         config = TrainConfig(epochs=self.epochs, seed=self.seed, device="auto",
                              learning_rate=params["learning_rate"],
@@ -89,18 +109,27 @@ class Objective:
                              patience=self.patience)
         # A retry (StaleTrials) starts with the user attributes of the trial it retries.
         lost_run = trial.user_attrs.get(TRIAL_RUN_ATTR)
-        with step_run("tune_trial", run_name=f"trial-{trial.number}", nested=True, **{
-                tags.OPTUNA_TRIAL: str(trial.number), tags.DATA_URI: self.data_uri,
-                tags.DATA_DIGEST: self.dataset.digest, tags.DATASET: self.dataset.name,
-                **({tags.RETRY_OF_RUN: lost_run} if lost_run else {}),
-        }) as run:
-            self.trials_run += 1
-            trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
-            mlflow.log_params({**params, "epochs": self.epochs, "seed": self.seed,
-                               "patience": self.patience, "data": self.data_uri})
-            result = self._fit(trial, config)
-            # A pruned trial did its job: its run ends FINISHED, tagged PRUNED.
-            mlflow.set_tag(tags.OPTUNA_STATE, "PRUNED" if result is None else "COMPLETE")
+        try:
+            with step_run("tune_trial", run_name=f"trial-{trial.number}", nested=True, **{
+                    tags.OPTUNA_TRIAL: str(trial.number), tags.DATA_URI: self.data_uri,
+                    tags.DATA_DIGEST: self.dataset.digest, tags.DATASET: self.dataset.name,
+                    **({tags.RETRY_OF_RUN: lost_run} if lost_run else {}),
+            }) as run:
+                self.trials_run += 1
+                trial.set_user_attr(TRIAL_RUN_ATTR, run.info.run_id)
+                mlflow.log_params({**params, "epochs": self.epochs, "seed": self.seed,
+                                   "patience": self.patience, "data": self.data_uri})
+                result = self._fit(trial, config)
+                if self._taken(trial):
+                    raise ClosedElsewhere(f"trial {trial.number} was given up")
+                # A pruned trial did its job: its run ends FINISHED, tagged PRUNED.
+                mlflow.set_tag(tags.OPTUNA_STATE, "PRUNED" if result is None else "COMPLETE")
+        except ClosedElsewhere:
+            self._carry_on(trial)
+            raise optuna.TrialPruned(f"trial {trial.number} was given up") from None
+        except StepError as exc:  # a diverging trial: Optuna records it FAIL, and we say why
+            log.warning("tune: trial %d failed: %s", trial.number, exc)
+            raise
         if result is None:
             raise optuna.TrialPruned()
         if self.best is None or result.best_val_accuracy > self.best.accuracy:
@@ -113,7 +142,10 @@ class Objective:
         import optuna
 
         def report(epoch):
-            trial.report(epoch.val_accuracy, epoch.epoch)
+            try:
+                trial.report(epoch.val_accuracy, epoch.epoch)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                raise ClosedElsewhere(f"trial {trial.number} was given up") from None
             # After the last epoch the work is done: pruning it would only throw it away
             # (and with epochs=1 a worker could end with every trial pruned).
             if epoch.epoch < config.epochs and trial.should_prune():
@@ -123,6 +155,26 @@ class Objective:
             return fit_and_log(config, self.dataset, VAL_FRACTION, on_epoch_end=report)
         except optuna.TrialPruned:
             return None
+
+    def _taken(self, trial) -> bool:
+        """Whether the trial was given up (FAILED by another worker) after its last report."""
+        from optuna.trial import TrialState
+
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return trial.number not in {t.number for t in running}
+
+    def _carry_on(self, trial) -> None:
+        import mlflow
+
+        self.given_up = trial.number
+        self.all_given_up.append(trial.number)
+        parent = mlflow.active_run()
+        if parent is not None:
+            take_back(parent.info.run_id)
+        log.warning("tune: trial %d was given up by another worker while this one was paused "
+                    "(no heartbeat for %ds); it stays FAILED and its run KILLED, its "
+                    "parameters are retried there; this worker goes on", trial.number,
+                    self.grace_period)
 
 
 class StaleTrials:
@@ -136,10 +188,13 @@ class StaleTrials:
     """
 
     def __init__(self, grace_period: int) -> None:
+        import optuna
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
         self.grace_period = grace_period
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+        with warnings.catch_warnings():  # Optuna calls the callback "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
 
     def __call__(self, study, trial) -> None:
         import mlflow
