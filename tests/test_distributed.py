@@ -249,7 +249,7 @@ def jobs(tmp_path_factory):
             new_runs[workers] = [r.info.run_id for r in train_runs()
                                  if r.info.run_id not in before]
             ids[workers] = new_runs[workers][0]
-        yield {"root": root, "data": data, "new_runs": new_runs, **ids}
+        yield {"root": root, "folder": folder, "data": data, "new_runs": new_runs, **ids}
 
 
 @pytest.mark.slow
@@ -325,16 +325,17 @@ def test_a_rank_killed_in_epoch_2_costs_one_restart_not_the_training(jobs):
         assert ranks_of(run_id) == {}
 
 
-@pytest.mark.slow
-def test_two_manifest_pods_survive_losing_pod_1_and_train_what_two_workers_train(jobs):
-    """The manifest's own script, run as pod 1 and pod 0 would run it, on loopback; then
-    every process of pod 1 is killed during epoch 2 and pod 1 is started again, as the Job
-    would replace it: it rejoins, and the one run ends with the two-worker result."""
-    script = _multinode_script()
+def _multinode_config() -> dict[str, str]:
     config = next(d for d in yaml.safe_load_all(MANIFEST.read_text())
                   if d["kind"] == "ConfigMap")["data"]
     assert int(config["MAX_RESTARTS"]) >= 1
-    pod_env = {**config, "EPOCHS": str(EPOCHS), "DATA_URI": jobs["data"],
+    return config
+
+
+def _pod_starter(config: dict[str, str], data: str):
+    """start(index): the manifest's own script run as that pod would run it, on loopback."""
+    script = _multinode_script()
+    pod_env = {**config, "EPOCHS": str(EPOCHS), "DATA_URI": data,
                "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
 
     def start_pod(index: int) -> subprocess.Popen:
@@ -343,6 +344,16 @@ def test_two_manifest_pods_survive_losing_pod_1_and_train_what_two_workers_train
                                 env=subprocess_env(JOB_COMPLETION_INDEX=str(index), **pod_env),
                                 start_new_session=True)
 
+    return start_pod
+
+
+@pytest.mark.slow
+def test_two_manifest_pods_survive_losing_pod_1_and_train_what_two_workers_train(jobs):
+    """The manifest's own script, run as pod 1 and pod 0 would run it, on loopback; then
+    every process of pod 1 is killed during epoch 2 and pod 1 is started again, as the Job
+    would replace it: it rejoins, and the one run ends with the two-worker result."""
+    config = _multinode_config()
+    start_pod = _pod_starter(config, jobs["data"])
     with temporary_store(jobs["root"]):
         client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
@@ -456,10 +467,10 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
     with temporary_store(jobs["root"]):
         client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
-        params = ["-P", f"data={jobs['data']}", "-P", f"epochs={EPOCHS}", "-P", "workers=2",
-                  "-P", "device=cpu"]
+        # Only parameters main passes on, the others at their defaults: main can find it.
+        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2"]
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
-                      "train", "--env-manager", "local", *params])
+                      "train", "--env-manager", "local", "-P", f"data={jobs['data']}", *params])
         run_id = _new_train_run(before, proc, epoch=0)
         # The ranks are found before epoch 1 ends, not after: on an idle worker the last
         # epochs took less time than a search for them, and the job had ended when it ran.
@@ -489,17 +500,18 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
 def test_a_lost_agent_stops_its_ranks_and_its_run_is_continued_without_retraining(jobs):
     """SIGKILL to the train step's own process (torch's elastic agent; an OOM kill, a lost
     supervisor) during epoch 2: the ranks stop within 10 s (the kernel's parent-death
-    signal), the tracking rank closes the run as interrupted with its checkpoint, and
-    ``resume`` continues it to the uninterrupted result, no epoch trained twice."""
+    signal), the tracking rank closes the run as interrupted with its checkpoint, and the
+    next ``mlflow run .`` (main) continues that run to the uninterrupted result, no epoch
+    trained twice (``resume=`` on a stopped run: the test above)."""
     from steps.tracking.runtime.runs import AGENT_LOST, ended
 
     with temporary_store(jobs["root"]):
         client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
-        params = ["-P", f"data={jobs['data']}", "-P", f"epochs={EPOCHS}", "-P", "workers=2",
-                  "-P", "device=cpu"]
+        # Only parameters main passes on, the others at their defaults: main can find it.
+        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2"]
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
-                      "train", "--env-manager", "local", *params])
+                      "train", "--env-manager", "local", "-P", f"data={jobs['data']}", *params])
         run_id = _new_train_run(before, proc, epoch=0)
         ranks = _every_rank_of(run_id, timeout=120)
         assert sorted(ranks) == [0, 1]
@@ -520,7 +532,50 @@ def test_a_lost_agent_stops_its_ranks_and_its_run_is_continued_without_retrainin
         saved = json.loads(run.data.tags[tags.CHECKPOINT])["epoch"]
         logged = [m.step for m in client.get_metric_history(run_id, "val_accuracy")]
         assert saved == max(logged) and 1 <= saved < EPOCHS  # nothing ran on unsupervised
-        result = mlflow_run("-e", "train", *params, "-P", f"resume={run_id}")
+        result = mlflow_run("-P", f"data_dir={jobs['folder']}", *params)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert f"main: train resumes run {run_id} at epoch " in result.stderr, result.stderr[-3000:]
         assert client.get_run(run_id).info.status == "FINISHED"
+        assert [r.info.run_id for r in train_runs() if r.info.run_id not in before] == [run_id]
         assert_same_training(metric_histories(jobs[2]), metric_histories(run_id))
+
+
+@pytest.mark.slow
+def test_node_0s_lost_agent_stops_every_rank_of_both_nodes_and_closes_the_run(jobs):
+    """Two manifest pods, restarts allowed (the manifest's MAX_RESTARTS): pod 0's agent
+    SIGKILLed during epoch 2. Its rank stops by the parent-death signal and closes the run
+    as interrupted with its checkpoint; pod 1, whose peer and rendezvous are gone, ends
+    too, its rank with it: nothing trains on, and no restart starts a second run."""
+    from steps.tracking.runtime.runs import AGENT_LOST, ended
+
+    start_pod = _pod_starter(_multinode_config(), jobs["data"])
+    with temporary_store(jobs["root"]):
+        client = mlflow.MlflowClient()
+        before = {r.info.run_id for r in train_runs()}
+        pod1 = start_pod(1)
+        pod0 = start_pod(0)
+        run_id = _new_train_run(before, pod0, epoch=1, timeout=300)
+        # Node 0's rank trains into the run (whichever global rank the rendezvous gave it);
+        # pod 1's is its agent's child.
+        (rank0,) = _every_rank_of(run_id, world=1).values()
+        ranks = [psutil.Process(rank0), *(psutil.Process(p) for p in _children(pod1.pid))]
+        assert len(ranks) == 2
+        agent = ranks[0].parent()
+        assert "steps.train" in agent.cmdline() and agent.pid != pod0.pid
+        agent.kill()
+
+        def training() -> list[int]:
+            return [p.pid for p in ranks if p.is_running() and
+                    p.status() != psutil.STATUS_ZOMBIE]
+
+        wait_until(lambda: not training(), 10, "every rank of both nodes to stop", poll=0.1)
+        for pod in (pod0, pod1):
+            pod.communicate(timeout=120)
+            assert pod.returncode != 0
+        run = wait_until(lambda: (r := client.get_run(run_id)).data.tags.get(
+            tags.ENDED_CAUSE) and r, 30, "the tracking rank to close the run")
+        assert (ended(run).status, ended(run).cause) == ("KILLED", AGENT_LOST)
+        saved = json.loads(run.data.tags[tags.CHECKPOINT])["epoch"]
+        logged = [m.step for m in client.get_metric_history(run_id, "val_accuracy")]
+        assert saved == max(logged) and 1 <= saved < EPOCHS
+        assert [r.info.run_id for r in train_runs() if r.info.run_id not in before] == [run_id]

@@ -75,6 +75,9 @@ def test_parent_has_best_params_value_and_figures(sweep):
     assert "optimization_history.png" in artifacts
     assert "retrain it through the pipeline" in sweep["stderr"]
     assert "-P model_name=mnist-classifier" in sweep["stderr"]  # where register will put it
+    # No Python warning on the user's console (Optuna's ExperimentalWarning for the
+    # heartbeat callback included).
+    assert not re.findall(r"\w+Warning\b", sweep["stderr"]), sweep["stderr"][-3000:]
 
 
 def test_the_best_model_can_be_evaluated_and_registered(sweep):
