@@ -299,3 +299,30 @@ def test_a_folder_store_is_refused_in_one_line_by_make_run(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert_clean_failure(result, "maintenance mode", "MLFLOW_ALLOW_FILE_STORE=true")
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_is_not_called_damaged(tmp_path):
+    """SIGKILL inside a write leaves a hot journal beside the file: whole, and the next
+    connection rolls it back. The store check must not take it for damage."""
+    import sqlite3
+    import sys
+
+    from steps.tracking.runtime.store import check_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as setup:
+        setup.execute("CREATE TABLE experiments (name TEXT)")
+        setup.execute("INSERT INTO experiments VALUES ('Default')")
+    # A page cache of one page: the transaction spills to the file before it commits.
+    writer = ("import os, signal, sqlite3, sys\n"
+              "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "db.execute('PRAGMA cache_size=1'); db.execute('BEGIN IMMEDIATE')\n"
+              "db.executemany('INSERT INTO experiments VALUES (?)',"
+              " [('x' * 500,)] * 2000)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", writer, str(db)], timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0  # the hot journal
+    check_sqlite_store(f"sqlite:///{db}")
+    with sqlite3.connect(db) as after:
+        assert after.execute("SELECT name FROM experiments").fetchall() == [("Default",)]

@@ -169,6 +169,7 @@ def findable_by_main(entry_point: str, passed: dict[str, str],
     import click
     import mlflow
     from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
 
     client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
     if tags.CACHE_KEY in client.get_run(run_id).data.tags:
@@ -176,7 +177,10 @@ def findable_by_main(entry_point: str, passed: dict[str, str],
     upstream = {}
     for step, uri in (consumed or {}).items():
         found = re.match(r"runs:/([0-9a-f]{32})/", uri)
-        if not found or client.get_run(found.group(1)).data.tags.get(tags.STEP) != step:
+        try:
+            if not found or client.get_run(found.group(1)).data.tags.get(tags.STEP) != step:
+                return False
+        except MlflowException:  # no such run: the step's own check says so, in its words
             return False
         upstream[step] = found.group(1)
     ctx = click.get_current_context()

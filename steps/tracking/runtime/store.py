@@ -66,8 +66,11 @@ def check_sqlite_store(uri: str) -> None:
     is there but is no whole database: truncated, overwritten, not SQLite at all. MLflow
     would fail on it with a page of SQLAlchemy traceback, in whichever step came first.
 
-    SQLite's own ``PRAGMA quick_check``, on a read-only connection: it reads every page once
-    (a fraction of a second for a store of tens of MB) and writes nothing.
+    SQLite's own ``PRAGMA quick_check``: it reads every page once (a fraction of a second
+    for a store of tens of MB). The connection may write (``mode=rw``, never creating the
+    file) because a writer killed mid-transaction leaves a hot journal that the next
+    connection must roll back; a read-only one cannot, and SQLite then answers "attempt to
+    write a readonly database" about a store that is whole.
     """
     import sqlite3
     from pathlib import Path
@@ -78,7 +81,7 @@ def check_sqlite_store(uri: str) -> None:
     if not path.is_file() or not path.stat().st_size:
         return  # none yet: prepare_store creates it
     try:
-        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True) as db:
             verdict = db.execute("PRAGMA quick_check(1)").fetchone()[0]
             if verdict == "ok":
                 db.execute("SELECT count(*) FROM experiments").fetchone()
