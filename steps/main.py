@@ -61,7 +61,8 @@ def run_name(dataset: str, arch: str, epochs: int, learning_rate: float) -> str:
 @click.option("--use-cache", type=click.BOOL, default=True, show_default=True,
               help="Reuse finished steps with identical inputs and code.")
 def cli(dataset: str, data_dir: str, epochs: int, learning_rate: float, batch_size: int,
-        optimizer: str, arch: str, hidden: str, seed: int, patience: int, workers: int,
+        optimizer: str, arch: str, hidden: str, lr_schedule: str, augment: str, seed: int,
+        patience: int, workers: int,
         max_restarts: int, checkpoint_every: int, model_name: str, min_delta: float,
         min_score: float | None, use_cache: bool) -> None:
     """Run the whole pipeline: download_data, train, evaluate, register."""

@@ -83,9 +83,9 @@ log = logging.getLogger("steps.train")
 @click.option("--resume", default="", show_default=True,
               help="Continue this KILLED or FAILED train run from its checkpoint.")
 def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer: str,
-        arch: str, hidden: str, seed: int, patience: int, val_fraction: float, device: str,
-        workers: int, nodes: int, node_rank: int, rdzv_endpoint: str, checkpoint_every: int,
-        max_restarts: int, resume: str) -> None:
+        arch: str, hidden: str, lr_schedule: str, augment: str, seed: int, patience: int,
+        val_fraction: float, device: str, workers: int, nodes: int, node_rank: int,
+        rdzv_endpoint: str, checkpoint_every: int, max_restarts: int, resume: str) -> None:
     """Train ARCH on the data artifact and log the best epoch's model."""
     from steps.core.training import TrainConfig, resolve_device
 
@@ -97,7 +97,8 @@ def cli(data: str, epochs: int, learning_rate: float, batch_size: int, optimizer
     options.check_model_fits(arch, hidden, batch_size)
     config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                          optimizer=optimizer, arch=arch, hidden=parse_hidden(hidden),
-                         seed=seed, device=device, patience=patience)
+                         seed=seed, device=device, patience=patience,
+                         lr_schedule=lr_schedule, augment=augment)
     if elastic.started_by_our_agent():  # one rank of a job: the tracking rank logs
         elastic.run_rank(lambda run, replica: train_in_run(
             run, data, config, val_fraction, str(resolve_device(device)), replica,

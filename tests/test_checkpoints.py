@@ -100,8 +100,10 @@ def test_checkpoints_come_every_n_epochs_and_at_the_last(tiny_split):
 
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 5}, "epochs=3 there, 5 here"),
-    ({"learning_rate": 0.01}, "learning_rate=0.001 there, 0.01 here"),
-    ({"arch": "cnn"}, "arch='mlp' there, 'cnn' here"),
+    ({"learning_rate": 0.01}, "learning_rate=0.003 there, 0.01 here"),
+    ({"arch": "mlp"}, "arch='cnn' there, 'mlp' here"),
+    ({"lr_schedule": "constant"}, "lr_schedule='onecycle' there, 'constant' here"),
+    ({"augment": "none"}, "augment='shift' there, 'none' here"),
 ])
 def test_a_checkpoint_of_other_parameters_is_refused(tiny_split, change, message):
     config = training.TrainConfig(epochs=3, batch_size=100, seed=0, device="cpu")
@@ -374,7 +376,7 @@ def _make_train_run(status: str, checkpoint: bool = True, **params: str) -> str:
     (lambda: _make_train_run("KILLED", epochs="30"),
      "other parameters (epochs='30' there, 4 here)"),
     (lambda: _make_train_run("FAILED", learning_rate="1e-2"),
-     "learning_rate='1e-2' there, 0.001 here"),
+     "learning_rate='1e-2' there, 0.003 here"),
 ])
 def test_resume_refuses_what_it_cannot_continue_naming_the_parameter(tracking_uri, capsys,
                                                                      make, expected):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -117,6 +118,28 @@ def test_train_is_reproducible_with_a_seed(tiny_split):
     first = training.train(config, *tiny_split).history[0]
     second = training.train(config, *tiny_split).history[0]
     assert first.train_loss == second.train_loss and first.val_accuracy == second.val_accuracy
+
+
+def test_a_shift_moves_each_image_by_its_own_offset_and_fills_the_border_with_0():
+    import torch
+
+    images = torch.arange(2 * 28 * 28, dtype=torch.int64).reshape(2, 28, 28) % 251 + 1
+    images = images.to(torch.uint8)
+    moved = training.shift_images(images, torch.tensor([[2, -1], [0, 0]]))
+    assert moved.dtype == torch.uint8 and moved.shape == images.shape
+    assert torch.equal(moved[0, 2:, :27], images[0, :26, 1:])  # down 2, left 1
+    assert not moved[0, :2].any() and not moved[0, :, 27].any()
+    assert torch.equal(moved[1], images[1])
+
+
+def test_the_schedule_and_the_shifts_are_part_of_training(tiny_split):
+    """Each knob changes what is trained; each off is the plain loop of a constant rate on
+    the images as they are."""
+    config = training.TrainConfig(epochs=1, batch_size=64, seed=5, device="cpu", arch="mlp")
+    losses = {knobs: training.train(dataclasses.replace(config, **dict(knobs)),
+                                    *tiny_split).history[0].train_loss
+              for knobs in ((), (("lr_schedule", "constant"),), (("augment", "none"),))}
+    assert len(set(losses.values())) == 3, losses
 
 
 def test_index_sets_train_exactly_like_copies_of_the_split(tiny_split):

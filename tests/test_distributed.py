@@ -515,10 +515,10 @@ def test_a_lost_agent_stops_its_ranks_and_its_run_is_continued_without_retrainin
         run_id = _new_train_run(before, proc, epoch=0)
         ranks = _every_rank_of(run_id, timeout=120)
         assert sorted(ranks) == [0, 1]
-        _new_train_run(before, proc, epoch=1)
         # The ranks' parent: the train step's own `python -m steps.train`, under the launcher.
         agent = psutil.Process(ranks[0]).parent()
         assert "steps.train" in agent.cmdline() and agent.pid != proc.pid
+        _new_train_run(before, proc, epoch=1)
         agent.kill()
         proc.communicate(timeout=60)
         wait_until(lambda: ranks_of(run_id) == {}, 10, "the ranks of the lost agent to stop",

@@ -54,8 +54,8 @@ def test_trials_are_nested_runs_with_params_and_metrics(sweep):
     assert [c.data.tags["pipeline.step"] for c in children].count("download_data") == 1
     for trial in trials:
         assert trial.info.status == "FINISHED"  # pruned trials too: pruning is not failing
-        assert {"learning_rate", "batch_size", "optimizer", "arch", "hidden"} <= set(
-            trial.data.params)
+        assert {"learning_rate", "batch_size", "optimizer", "arch", "hidden", "lr_schedule",
+                "augment"} <= set(trial.data.params)
         assert trial.data.params["data"] == parent.data.tags["pipeline.data_uri"]
         assert trial.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
         assert "val_accuracy" in trial.data.metrics
@@ -67,7 +67,8 @@ def test_parent_has_best_params_value_and_figures(sweep):
     metrics, params = parent.data.metrics, parent.data.params
     assert 0 < metrics["best_val_accuracy"] <= 1
     assert metrics["completed_trials"] + metrics["pruned_trials"] == 3
-    for name in ("learning_rate", "batch_size", "optimizer", "arch", "hidden"):
+    for name in ("learning_rate", "batch_size", "optimizer", "arch", "hidden", "lr_schedule",
+                 "augment"):
         assert f"best_{name}" in params
     best_trial = client.get_run(parent.data.tags["pipeline.best_trial_run_id"])
     assert best_trial.data.metrics["best_val_accuracy"] == metrics["best_val_accuracy"]

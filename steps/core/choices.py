@@ -5,6 +5,8 @@
 
 ARCHS = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("onecycle", "constant")
+AUGMENTS = ("shift", "none")  # shift: each training image moved by up to 2 pixels each way
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DATASETS = ("mnist", "fashion-mnist", "kmnist", "digits")
 METRICS = ("test_accuracy", "test_macro_f1", "test_loss")

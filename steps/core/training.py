@@ -7,9 +7,16 @@ with the data by about one byte per pixel, and no Dataset/DataLoader or per-samp
 work sits in the loop: for a model this small the data path, not the arithmetic, is what an
 epoch costs.
 
-Everything the loop needs to continue exactly where it stopped (weights, optimiser state,
-the shuffling generator and the global RNG, the best epoch with its weights, the history)
-is one plain dict, :func:`training_state`: tensors, numbers and strings only, so that
+The recipe besides the network: a one-cycle learning-rate schedule (warm up to
+``learning_rate``, then anneal; torch's ``OneCycleLR``, stepped per batch) and random shifts
+of each training image by up to :data:`MAX_SHIFT` pixels, drawn per image from a generator of
+their own. On 8,000 MNIST images the two together halve the errors of a constant rate on the
+unshifted images (``make bench``): with few images, seeing each one a little displaced
+is what keeps the network from learning them by heart.
+
+Everything the loop needs to continue exactly where it stopped (weights, optimiser and
+schedule state, the shuffling and augmentation generators and the global RNG, the best
+epoch with its weights, the history) is one plain dict, :func:`training_state`: tensors, numbers and strings only, so that
 ``torch.load(weights_only=True)`` reads it back and no pickled code is ever run.
 """
 
@@ -25,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from steps.core.choices import DEVICES, OPTIMIZERS
+from steps.core.choices import AUGMENTS, DEVICES, LR_SCHEDULES, OPTIMIZERS
 from steps.core.model import build_model
 
 log = logging.getLogger(__name__)
@@ -49,14 +56,16 @@ class Replica:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     batch_size: int = 64
     optimizer: str = "adam"
-    arch: str = "mlp"
+    arch: str = "cnn"
     hidden: tuple[int, int] | None = None
     seed: int = 42
     device: str = "auto"
     patience: int = 0  # stop after this many epochs without a better val_accuracy; 0 = off
+    lr_schedule: str = "onecycle"
+    augment: str = "shift"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -71,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}")
         if self.patience < 0:
             raise ValueError("patience must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
 
     def as_params(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -101,7 +114,8 @@ class TrainResult:
     resumed_from: int = 0  # the checkpoint's epoch when training continued one; 0 = fresh
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the schedule's state and the augmentation generator
+MAX_SHIFT = 2  # pixels, each way: a digit stays inside MNIST's 20x20 box in its 28x28 frame
 
 
 class CheckpointError(ValueError):
@@ -129,6 +143,31 @@ def make_optimizer(name: str, params, lr: float, device: torch.device) -> torch.
         return torch.optim.Adam(params, lr=lr, fused=fused)
     # Plain SGD at the same lr as Adam barely moves; momentum makes the two comparable.
     return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=fused)
+
+
+def make_schedule(name: str, optimizer: torch.optim.Optimizer, epochs: int,
+                  steps_per_epoch: int):
+    """The learning-rate schedule, stepped once per batch; None for a constant rate. The
+    one-cycle schedule peaks at the optimiser's rate after 30% of the steps."""
+    if name == "constant":
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=optimizer.param_groups[0]["lr"], epochs=epochs,
+        steps_per_epoch=steps_per_epoch)
+
+
+def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``images`` (N, 28, 28) moved by ``shifts`` (N, 2: rows, columns, in pixels), the
+    uncovered border filled with 0 (MNIST's background); in their dtype."""
+    n, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+    images = images.reshape(n, height, width)
+    rows = torch.arange(height, device=images.device)[None, :] - shifts[:, :1]
+    cols = torch.arange(width, device=images.device)[None, :] - shifts[:, 1:]
+    inside = (((rows >= 0) & (rows < height))[:, :, None]
+              & ((cols >= 0) & (cols < width))[:, None, :])
+    moved = images[torch.arange(n, device=images.device)[:, None, None],
+                   rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]
+    return moved * inside.to(images.dtype)
 
 
 def to_device_tensors(
@@ -217,11 +256,17 @@ def train(
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate,
                                device)
     shuffle = torch.Generator(device="cpu").manual_seed(config.seed)
+    # Its own stream, so that switching augmentation off leaves the shuffling as it was.
+    shifting = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    n = len(train_idx)
+    schedule = make_schedule(config.lr_schedule, optimizer, config.epochs,
+                             -(-n // config.batch_size))
     result = TrainResult(model=model, device=str(device))
     best_state = None
     if resume_from is not None:
         check_resumable(resume_from, config)
-        best_state = _restore(resume_from, model, optimizer, shuffle, result)
+        best_state = _restore(resume_from, model, optimizer, schedule,
+                              {"shuffle": shuffle, "augment": shifting}, result)
     stepped = model
     if replica.world > 1:  # after a restore: DDP starts every replica from rank 0's weights
         from torch.nn.parallel import DistributedDataParallel
@@ -231,7 +276,6 @@ def train(
     x, y = to_device_tensors(images, labels, device)
     train_ids = torch.from_numpy(np.asarray(train_idx, dtype=np.int64)).to(device)
     val_ids = torch.from_numpy(np.asarray(val_idx, dtype=np.int64)).to(device)
-    n = len(train_ids)
 
     first = result.resumed_from + 1
     if resume_from is not None and _patience_ran_out(result, config):
@@ -256,13 +300,23 @@ def train(
         for start in batches:
             batch = order[start : start + config.batch_size]
             idx = batch.tensor_split(replica.world)[replica.rank]
-            xb, yb = x[idx].float(), y[idx]
+            xb, yb = x[idx], y[idx]
+            if config.augment == "shift":
+                # Drawn for the whole global batch, so every replica's share is what one
+                # process would have drawn for those images.
+                shifts = torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (len(batch), 2),
+                                       generator=shifting)
+                xb = shift_images(xb, shifts.tensor_split(replica.world)[replica.rank]
+                                  .to(device))
+            xb = xb.float()
             optimizer.zero_grad(set_to_none=True)
             # Summed over this slice, divided by the whole batch, times the replicas that
             # DDP's gradient average divides by: the gradient of the batch mean.
             loss_of_slice = nn.functional.cross_entropy(stepped(xb), yb, reduction="sum")
             (loss_of_slice * (replica.world / len(batch))).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             loss_sum += loss_of_slice.detach()
         train_loss = (_sum_over_replicas(loss_sum, replica) / n).item()
         if not np.isfinite(train_loss):
@@ -288,7 +342,8 @@ def train(
         stop = _patience_ran_out(result, config)
         if on_checkpoint is not None and checkpoint_every > 0 and (
                 epoch % checkpoint_every == 0 or epoch == config.epochs or stop):
-            on_checkpoint(training_state(config, model, optimizer, shuffle, result,
+            on_checkpoint(training_state(config, model, optimizer, schedule,
+                                         {"shuffle": shuffle, "augment": shifting}, result,
                                          best_state))
         if on_epoch_end is not None:
             on_epoch_end(epoch_result)
@@ -322,7 +377,8 @@ def _cpu_copy(tree):
 
 
 def training_state(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   shuffle: torch.Generator, result: TrainResult, best_state: dict) -> dict:
+                   schedule, generators: dict[str, torch.Generator], result: TrainResult,
+                   best_state: dict) -> dict:
     """Everything :func:`train` needs to continue after ``result.history[-1]``: on the CPU,
     in types ``torch.load(weights_only=True)`` accepts."""
     return {
@@ -331,17 +387,19 @@ def training_state(config: TrainConfig, model: nn.Module, optimizer: torch.optim
         "epoch": result.history[-1].epoch,
         "model": _cpu_copy(model.state_dict()),
         "optimizer": _cpu_copy(optimizer.state_dict()),
+        "schedule": schedule.state_dict() if schedule is not None else {},
         "best_model": best_state,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
         "history": [asdict(h) for h in result.history],
-        "rng": {"shuffle": shuffle.get_state(), "torch": torch.get_rng_state(),
+        "rng": {**{name: g.get_state() for name, g in generators.items()},
+                "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
 
 
-STATE_KEYS = ("format", "config", "epoch", "model", "optimizer", "best_model", "best_epoch",
-              "best_val_accuracy", "history", "rng")
+STATE_KEYS = ("format", "config", "epoch", "model", "optimizer", "schedule", "best_model",
+              "best_epoch", "best_val_accuracy", "history", "rng")
 
 
 def check_resumable(state: dict, config: TrainConfig) -> None:
@@ -364,13 +422,16 @@ def check_resumable(state: dict, config: TrainConfig) -> None:
                               f"{len(state['history'])} epochs do not fit {config.epochs} epochs")
 
 
-def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-             shuffle: torch.Generator, result: TrainResult) -> dict:
+def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+             generators: dict[str, torch.Generator], result: TrainResult) -> dict:
     """Put ``state`` back into the fresh objects; return the best epoch's weights."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        shuffle.set_state(state["rng"]["shuffle"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        for name, generator in generators.items():
+            generator.set_state(state["rng"][name])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

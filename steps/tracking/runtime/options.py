@@ -16,8 +16,10 @@ import click
 
 from steps.core.choices import (
     ARCHS,
+    AUGMENTS,
     DATASETS,
     DEVICES,
+    LR_SCHEDULES,
     METRICS,
     OPTIMIZERS,
     SEED_MAX,
@@ -66,12 +68,17 @@ DATA = _option("--data", default="",
                help="Data artifact URI, runs:/<id>/data (empty = newest download_data run).")
 EPOCHS = _option("--epochs", type=click.IntRange(min=1), default=5)
 LEARNING_RATE = _option("--learning-rate", type=click.FloatRange(min=0, min_open=True),
-                        default=0.001)
+                        default=0.003, help="The peak rate under lr_schedule=onecycle.")
 BATCH_SIZE = _option("--batch-size", type=click.IntRange(min=1), default=64)
 OPTIMIZER = _option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam")
-ARCH = _option("--arch", type=click.Choice(ARCHS), default="mlp")
+ARCH = _option("--arch", type=click.Choice(ARCHS), default="cnn",
+               help="cnn: two conv blocks, the default; mlp: the quickest smoke runs.")
 HIDDEN = _option("--hidden", default="", callback=_check_hidden,
                  help="Two hidden sizes (mlp) or channel counts (cnn), e.g. '256,128'.")
+LR_SCHEDULE = _option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="onecycle",
+                      help="onecycle: warm up to learning_rate, then anneal; constant: none.")
+AUGMENT = _option("--augment", type=click.Choice(AUGMENTS), default="shift",
+                  help="shift: move each training image up to 2 pixels each way; none: off.")
 SEED = _option("--seed", type=click.IntRange(0, SEED_MAX), default=42)
 VAL_FRACTION = _option("--val-fraction",
                        type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
@@ -137,7 +144,8 @@ def check_model_fits(arch: str, hidden: str, batch_size: int) -> None:
 
 
 # The hyperparameters main passes on to train, in MLproject's order.
-TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, OPTIMIZER, ARCH, HIDDEN, SEED, PATIENCE)
+TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, OPTIMIZER, ARCH, HIDDEN, LR_SCHEDULE, AUGMENT,
+            SEED, PATIENCE)
 
 
 def training_options(func):

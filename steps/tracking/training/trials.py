@@ -8,7 +8,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-from steps.core.choices import ARCHS, OPTIMIZERS
+from steps.core.choices import ARCHS, AUGMENTS, LR_SCHEDULES, OPTIMIZERS
 from steps.tracking.runtime import tags
 from steps.tracking.runtime.cli import StepError
 from steps.tracking.runtime.runs import (
@@ -47,6 +47,8 @@ def search_space(trial) -> dict:
         "optimizer": trial.suggest_categorical("optimizer", list(OPTIMIZERS)),
         "arch": arch,
         "hidden": f"{first},{second}",
+        "lr_schedule": trial.suggest_categorical("lr_schedule", list(LR_SCHEDULES)),
+        "augment": trial.suggest_categorical("augment", list(AUGMENTS)),
     }
 
 
@@ -56,7 +58,8 @@ def to_train_params(params: dict) -> dict:
     prefix = "mlp_hidden" if arch == "mlp" else "cnn_channels"
     return {"learning_rate": params["learning_rate"], "batch_size": params["batch_size"],
             "optimizer": params["optimizer"], "arch": arch,
-            "hidden": f"{params[prefix + '_1']},{params[prefix + '_2']}"}
+            "hidden": f"{params[prefix + '_1']},{params[prefix + '_2']}",
+            **{name: params[name] for name in ("lr_schedule", "augment") if name in params}}
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Objective:
                              learning_rate=params["learning_rate"],
                              batch_size=params["batch_size"], optimizer=params["optimizer"],
                              arch=params["arch"], hidden=parse_hidden(params["hidden"]),
+                             lr_schedule=params["lr_schedule"], augment=params["augment"],
                              patience=self.patience)
         # A retry (StaleTrials) starts with the user attributes of the trial it retries.
         lost_run = trial.user_attrs.get(TRIAL_RUN_ATTR)
