@@ -10,20 +10,25 @@ Writes: ``--output`` (empty = ``scores/<run id>.parquet``), a Parquet folder of 
         ``label``, ``probabilities`` (ten floats) and ``model_version``; written only
         whole (a failed job leaves nothing there) and never over an existing path.
         Run: params ``model_uri``, ``images``, ``column``, ``output``, ``spark_master``,
-        ``batch_size``; metrics ``scored_images``, ``mean_top_probability``,
-        ``label_count_<k>``; figure ``top_probability.png``; tags ``pipeline.step``,
+        ``batch_size``; metrics ``scored_images``, ``images_per_second`` (the job's),
+        ``mean_top_probability``, ``label_count_<k>``; figure ``top_probability.png``; tags ``pipeline.step``,
         ``pipeline.model_uri`` (the version scored with), ``pipeline.model_version`` and
         ``pipeline.output``.
 
 Scoring is ``mlflow.pyfunc.spark_udf`` on ``--spark-master``: ``local[*]`` (Spark inside
 this process, all cores; needs only Java) or any cluster's master URL. ``--batch-size`` is
-how many images each ``predict`` call of the UDF gets.
+how many images each ``predict`` call of the UDF gets. The driver's memory does not grow
+with the images in local mode (``steps/tracking/inference/spark.py`` says how), and a long
+job prints a line of progress every 10 s.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
+import time
+from pathlib import Path
 
 import click
 
@@ -59,6 +64,8 @@ def cli(model_uri: str, images: str, column: str, output: str, spark_master: str
     from steps.tracking.inference.spark import (
         check_images,
         check_output,
+        is_local,
+        progress,
         read_images,
         score,
         spark_session,
@@ -79,13 +86,19 @@ def cli(model_uri: str, images: str, column: str, output: str, spark_master: str
         warn_of_other_requirements(model_dir, scored_uri)
         mlflow.set_tags({tags.MODEL_URI: scored_uri, tags.MODEL_VERSION: version,
                          tags.OUTPUT: output})
-        with spark_session(spark_master, batch_size) as spark:
-            frame, count = read_images(spark, images, column)
+        with spark_session(spark_master, batch_size) as spark, \
+                tempfile.TemporaryDirectory(prefix="mnist-score-") as staging:
+            frame, count = read_images(spark, images, column, Path(staging),
+                                       local=is_local(spark_master))
             log.info("score: %d images with %s on Spark %s", count, scored_uri, spark_master)
-            write_atomically(score(spark, frame, str(model_dir), version), output)
+            started = time.perf_counter()
+            with progress(spark):
+                write_atomically(score(spark, frame, str(model_dir), version), output)
+            seconds = time.perf_counter() - started
             summary = summarize(spark, output)
         mlflow.log_metrics({
             "scored_images": summary["count"],
+            "images_per_second": summary["count"] / seconds,
             "mean_top_probability": summary["mean_top_probability"],
             **{f"label_count_{k}": n for k, n in sorted(summary["per_label"].items())},
         })

@@ -1,6 +1,6 @@
 """Data-parallel and multi-node ``train`` (torch.distributed, gloo on CPU).
 
-- ``workers=2`` trains the model ``workers=1`` trains (per-epoch train_loss within 1e-3
+- ``workers=2`` trains the model ``workers=1`` trains (per-epoch train_loss within 1%
   relative, val_accuracy within 0.005) on 6000 digit images, under real ``mlflow run``;
   one run, one value per metric per epoch, one pair of logged models.
 - Two "nodes" of one worker each, started from the commands in
@@ -220,9 +220,16 @@ def metric_histories(run_id: str) -> dict[str, list[float]]:
     return histories
 
 
+# Per-epoch train_loss of one job against another, relative. The replicas' gradients are
+# summed in another order than one process sums them; the default cnn recipe (one-cycle
+# peak 0.003, shifts) carries that rounding further than the mlp did: 0.45% at epoch 2 of
+# 4 measured, against under 0.1% for the mlp at a constant 0.001.
+TRAIN_LOSS_TOLERANCE = 1e-2
+
+
 def assert_same_training(a: dict, b: dict) -> None:
     for loss_a, loss_b in zip(a["train_loss"], b["train_loss"], strict=True):
-        assert abs(loss_a - loss_b) <= 1e-3 * abs(loss_a), (a, b)
+        assert abs(loss_a - loss_b) <= TRAIN_LOSS_TOLERANCE * abs(loss_a), (a, b)
     for acc_a, acc_b in zip(a["val_accuracy"], b["val_accuracy"], strict=True):
         assert abs(acc_a - acc_b) <= 0.005, (a, b)
 
@@ -467,8 +474,8 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
     with temporary_store(jobs["root"]):
         client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
-        # Only parameters main passes on, the others at their defaults: main can find it.
-        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2"]
+        # device=cpu, not main's default: main cannot take this run for one of its own.
+        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2", "-P", "device=cpu"]
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
                       "train", "--env-manager", "local", "-P", f"data={jobs['data']}", *params])
         run_id = _new_train_run(before, proc, epoch=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import mlflow
@@ -150,3 +151,91 @@ def test_bad_input_is_one_line_naming_the_parameter(champion, tmp_path, case):
         args += ["--output", str(tmp_path / "taken")]
         words = ("output=", "already exists")
     assert_clean_failure(run_step("score", *args, **env), *words)
+
+
+@spark_job
+def test_a_png_folder_is_decoded_by_the_executors_as_predict_decodes_it(champion, images,
+                                                                        tmp_path):
+    """Listed by Spark, decoded on its workers: the labels are pyfunc's for the images as
+    ``predict`` reads the files (a light background inverted). A file that is no image
+    fails the job in one line naming it."""
+    from PIL import Image
+
+    from steps.tracking.inference.images import load_images
+
+    pixels = images[0][:30].astype(np.uint8)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(255 - image if i % 7 == 0 else image).save(folder / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("not an image, and not a .png: skipped")
+    names, decoded = load_images(str(folder))
+    expected = mlflow.pyfunc.load_model(champion["model_uri"]).predict(decoded)
+    output = tmp_path / "predictions.parquet"
+    result = run_step("score", "--images", str(folder), "--output", str(output),
+                      "--spark-master", "local[2]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"score: {len(pixels)} images with" in result.stderr
+    assert_same_as_pyfunc(scored(output, names), expected)
+
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_step("score", "--images", str(folder), "--output", str(tmp_path / "never"),
+                      "--spark-master", "local[2]")
+    assert_clean_failure(result, "Spark job failed", "broken.png", "not a readable image")
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_npy_is_staged_in_chunks_from_a_memory_map(tmp_path):
+    """What reaches Spark from an .npy: Parquet files of ``chunk`` images each, ids by
+    position, uint8 kept uint8; a bad chunk is named by its images."""
+    from steps.tracking.inference.spark import stage_npy
+    from steps.tracking.runtime.cli import StepError
+
+    pixels = np.random.default_rng(0).integers(0, 256, (25, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", pixels)
+    staging = tmp_path / "staged"
+    staging.mkdir()
+    assert stage_npy(tmp_path / "a.npy", staging, chunk=10) == 25
+    files = sorted(staging.iterdir())
+    assert [pq.read_metadata(f).num_rows for f in files] == [10, 10, 5]
+    table = pq.read_table(staging)
+    assert table.schema.field("pixels").type == pa.list_(pa.uint8())
+    assert table["id"].to_pylist() == [f"a.npy[{i}]" for i in range(25)]
+    assert np.array_equal(np.stack(table["pixels"].to_numpy(zero_copy_only=False)),
+                          pixels.reshape(25, -1))
+
+    floats = pixels.reshape(25, 784).astype(np.float32)
+    floats[13, 5] = 300.0
+    np.save(tmp_path / "b.npy", floats)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(StepError, match=r"b\.npy' \(images 10 to 19\): pixels must be from "
+                                        r"0 to 255"):
+        stage_npy(tmp_path / "b.npy", tmp_path / "b", chunk=10)
+
+
+def test_a_driver_out_of_memory_is_said_with_what_to_change():
+    from steps.tracking.inference.spark import spark_cause
+
+    for text in ("An error occurred while calling o42.collect.\n: java.lang.OutOfMemoryError:"
+                 " Java heap space\n\tat java.base/...", "Answer from Java side is empty"):
+        said = spark_cause(RuntimeError(text))
+        assert "ran out of memory" in said and "--driver-memory" in said and "Parquet" in said
+
+
+def test_progress_reports_each_running_stage_until_the_job_ends(caplog):
+    """Against the status tracker's interface (a running job's stages and their tasks)."""
+    from types import SimpleNamespace
+
+    from helpers.waiting import wait_until
+    from steps.tracking.inference.spark import progress
+
+    tracker = SimpleNamespace(getActiveStageIds=lambda: [4], getStageInfo=lambda i: (
+        SimpleNamespace(stageId=i, numTasks=8, numCompletedTasks=3)))
+    spark = SimpleNamespace(sparkContext=SimpleNamespace(statusTracker=lambda: tracker))
+    caplog.set_level("INFO", logger="steps.score")
+    with progress(spark, every=0.05):
+        wait_until(lambda: caplog.records, 5, "a progress line")
+    assert caplog.records[0].getMessage() == "score: 3 of 8 tasks done (Spark stage 4)"
+    after = len(caplog.records)
+    time.sleep(0.2)
+    assert len(caplog.records) == after  # none once the block has ended

@@ -89,7 +89,7 @@ def test_the_experiment_is_marked_as_model_training_and_described(ui):
 
 def test_the_experiment_opens_on_its_named_runs_which_expand_to_the_steps(ui, page):
     main = ui["runs"]["main"]
-    assert main.info.run_name == "digits mlp e1 lr=0.001"
+    assert main.info.run_name == "digits cnn e1 lr=0.003"
     page.goto(f"{ui['url']}#/experiments/{ui['experiment'].experiment_id}/runs?{TRAINING_VIEW}")
     name = page.get_by_text(main.info.run_name, exact=True)
     name.wait_for()

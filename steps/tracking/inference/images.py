@@ -8,6 +8,7 @@ whose background is light (mean above mid-grey) is inverted, as a drawing usuall
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from steps.tracking.runtime.cli import StepError
@@ -38,9 +39,10 @@ def load_images(path: str):
     return names_of(len(pixels)), pixels
 
 
-def read_npy(path: Path):
-    """The array in an .npy file, refused unless its header is one of a plain array the
-    file really holds (a forged header could ask for any amount of memory)."""
+def npy_header(path: Path):
+    """(shape, dtype, fortran order, where the data starts) of an .npy file, refused unless
+    its header is one of a plain array the file really holds (a forged header could ask
+    for any amount of memory)."""
     import numpy as np
 
     headers = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -50,8 +52,9 @@ def read_npy(path: Path):
             version = np.lib.format.read_magic(f)
             if version not in headers:
                 raise ValueError(f"format version {version[0]}.{version[1]}")
-            shape, _, dtype = headers[version](f)
-            body = path.stat().st_size - f.tell()
+            shape, fortran, dtype = headers[version](f)
+            start = f.tell()
+            body = path.stat().st_size - start
     except (ValueError, OSError) as exc:
         raise StepError(f"images={str(path)!r} is not a plain .npy array ({exc})") from None
     needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if not dtype.hasobject else -1
@@ -61,10 +64,37 @@ def read_npy(path: Path):
                         f"but the file holds {body} bytes of data; not a whole .npy array"
                         if needed >= 0 else f"images={str(path)!r} holds Python objects, not "
                         "pixels (only plain numeric .npy arrays are read)")
+    return shape, dtype, fortran, start
+
+
+def read_npy(path: Path):
+    """The array in an .npy file whose header :func:`npy_header` accepts."""
+    import numpy as np
+
+    npy_header(path)
     return np.load(path, allow_pickle=False)
 
 
-def read_png(path: Path):
+def npy_chunks(path: Path, chunk: int):
+    """(first index, array of up to ``chunk`` images) over an .npy file, read from the file
+    a chunk at a time: the process holds one chunk, whatever the file's size."""
+    import numpy as np
+
+    shape, dtype, fortran, start = npy_header(path)
+    if fortran or len(shape) < 2:  # a layout chunks cannot be cut from: all at once
+        yield 0, read_npy(path)
+        return
+    per_image = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "rb") as f:
+        f.seek(start)
+        for first in range(0, shape[0], chunk):
+            n = min(chunk, shape[0] - first)
+            yield first, np.fromfile(f, dtype, count=n * per_image).reshape(n, *shape[1:])
+
+
+def read_png(path: Path, content: bytes | None = None):
+    """One PNG as uint8 (28, 28): from ``path``, or from its ``content`` where the file was
+    read elsewhere (a Spark executor gets the bytes; ``path`` then only names it)."""
     import warnings
 
     import numpy as np
@@ -73,7 +103,7 @@ def read_png(path: Path):
     try:
         with warnings.catch_warnings():  # PIL's warning of a big image: refused below anyway
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if content is None else io.BytesIO(content)) as image:
                 if image.width * image.height > MAX_PNG_PIXELS:
                     raise StepError(f"images: {path} is {image.width}x{image.height} pixels, "
                                     "too large for a digit image (over "

@@ -2,7 +2,15 @@
 through ``mlflow.pyfunc.spark_udf`` (the engine MLflow scales a pyfunc model with).
 
 Every check that can be made before a Spark job starts is made first, each failing in one
-line naming its parameter: Java, the images, their pixel column, the output. A job that
+line naming its parameter: Java, the images, their pixel column, the output.
+
+The images reach Spark without passing whole through the driver, so its memory does not
+grow with them: Parquet is read by Spark itself; in local mode an ``.npy`` is read through
+a memory map and staged as Parquet a chunk at a time (:data:`NPY_CHUNK` images), and a PNG
+folder is listed by Spark (its ``binaryFile`` source) and decoded on the executors. On a
+cluster, whose executors cannot see the driver's disk, an ``.npy`` or PNGs go through the
+driver instead (``createDataFrame``), bounded by its memory: give a cluster Parquet on
+shared storage (docs/scoring.md). A job that
 fails leaves nothing under the output's name: Spark writes to a hidden sibling, renamed
 into place (Hadoop's FileSystem rename, so the same on a local disk and on HDFS) only once
 the job has succeeded.
@@ -28,6 +36,10 @@ log = logging.getLogger("steps.score")
 PREDICTION_TYPE = "label long, probabilities array<float>"
 PIXELS = 28 * 28
 TOP_PROBABILITY_BINS = 20
+# Images per chunk staged from an .npy: 10,000 are 7.8 MB of uint8 (31 MB as the float32
+# the pixel check makes), the most of the file the driver holds at once.
+NPY_CHUNK = 10_000
+PROGRESS_EVERY_S = 10.0
 NUMERIC_SPARK_TYPES = ("ByteType", "ShortType", "IntegerType", "LongType", "FloatType",
                        "DoubleType", "DecimalType")
 
@@ -109,11 +121,20 @@ def spark_log_path() -> Path:
     return Path(tempfile.gettempdir(), f"mnist-score-spark-{os.getpid()}.log")
 
 
+# How a driver JVM that ran out of heap shows in Python: its error, or py4j losing it.
+OUT_OF_MEMORY = ("java.lang.OutOfMemoryError", "Java heap space",
+                 "Answer from Java side is empty")
+
+
 def spark_cause(exc: BaseException) -> str:
     """The line of a Spark error that says what went wrong: for a failed Python worker the
     last ``SomeError: message`` line of its traceback (the model's own refusal, ``images:
     ...``), for the JVM the first line of its message."""
     text = str(exc)
+    if any(sign in text for sign in OUT_OF_MEMORY):
+        return ("the driver's JVM ran out of memory (Java heap space); give it more with "
+                "PYSPARK_SUBMIT_ARGS='--driver-memory 4g pyspark-shell', or score Parquet, "
+                "which Spark reads without the driver")
     raised = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Images)): (.+)$", text, re.M)
     if raised:
         kind, message = raised[-1]
@@ -131,18 +152,26 @@ def check_images(images: str) -> None:
                         "an .npy array, a PNG or a folder of PNGs")
 
 
-def read_images(spark, images: str, column: str):
+def read_images(spark, images: str, column: str, staging: Path, local: bool = True):
     """(Spark DataFrame of ``id`` string and ``pixels`` array<float> of 784, image count).
 
     ``images``: a Parquet file or folder whose ``column`` holds one array of pixels per
     image (784 numbers, or 28 arrays of 28), an ``.npy`` array, or PNGs (read as
     ``predict`` reads them). A Parquet ``id`` column is kept; otherwise ids are Spark's.
+    ``staging``: an empty folder that lasts as long as the job, for an ``.npy`` staged as
+    Parquet; ``local``: whether the executors share this machine's disk (local mode).
     """
     from pyspark.sql import functions as F
 
     check_images(images)
     if not is_parquet(images):
-        return images_from_files(spark, images)
+        if not local:
+            return images_from_files(spark, images)
+        if Path(images).suffix == ".npy":
+            count = stage_npy(Path(images), staging)
+            frame = spark.read.parquet(str(staging))
+            return frame.select("id", F.col("pixels").cast("array<float>").alias("pixels")), count
+        return png_folder(spark, images)
     try:
         frame = spark.read.parquet(images)
     except Exception as exc:
@@ -189,8 +218,69 @@ def pixel_column(frame, images: str, column: str):
     return F.flatten(F.col(column)) if nested else F.col(column)
 
 
+def stage_npy(path: Path, staging: Path, chunk: int = NPY_CHUNK) -> int:
+    """Copy an .npy's images into Parquet files under ``staging``, ``chunk`` images at a
+    time read from the file; return how many. Each chunk is checked as ``predict`` checks
+    images; uint8 pixels stay uint8 (a quarter of float32's bytes), others are float32."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steps.core.pixels import to_images
+    from steps.tracking.inference.images import npy_chunks
+
+    count = 0
+    for part_number, (first, part) in enumerate(npy_chunks(path, chunk)):
+        try:
+            checked = to_images(part)
+        except ValueError as exc:
+            at = f" (images {first} to {first + len(part) - 1})" if first or len(part) == \
+                chunk else ""
+            raise StepError(f"images={str(path)!r}{at}: {exc}") from None
+        pixels = (np.ascontiguousarray(part, np.uint8).reshape(-1) if part.dtype == np.uint8
+                  else checked.reshape(-1))
+        offsets = pa.array(np.arange(0, len(checked) * PIXELS + 1, PIXELS, dtype=np.int32))
+        pq.write_table(pa.table({
+            "id": pa.array([f"{path.name}[{i}]" for i in range(first, first + len(checked))]),
+            "pixels": pa.ListArray.from_arrays(offsets, pa.array(pixels))}),
+            staging / f"part-{part_number:06d}.parquet")
+        count += len(checked)
+    if not count:
+        raise StepError(f"images={str(path)!r}: there are no images (an empty array)")
+    return count
+
+
+def png_folder(spark, images: str):
+    """A PNG (or a folder of them) as a Spark DataFrame: Spark lists and reads the files,
+    and each executor decodes its share as ``predict`` does (grayscale, 28x28, a light
+    background inverted)."""
+    import numpy as np
+    import pandas as pd
+
+    source = Path(images).resolve()
+    if source.is_dir() and not any(source.glob("*.png")):
+        raise StepError(f"images={images!r}: the folder holds no .png files")
+    reader = spark.read.format("binaryFile")
+    if source.is_dir():
+        reader = reader.option("pathGlobFilter", "*.png")
+
+    def decode(batches):
+        from steps.tracking.inference.images import read_png
+
+        for batch in batches:
+            names = [Path(p).name for p in batch["path"]]
+            pixels = [read_png(Path(name), bytes(content)).astype(np.float32).reshape(-1)
+                      for name, content in zip(names, batch["content"], strict=True)]
+            yield pd.DataFrame({"id": names, "pixels": pixels})
+
+    frame = reader.load(str(source)).select("path", "content")
+    frame = frame.mapInPandas(decode, "id string, pixels array<float>")
+    return frame, reader.load(str(source)).count()
+
+
 def images_from_files(spark, images: str):
-    """An .npy or PNGs as a Spark DataFrame (through Arrow, from the driver)."""
+    """An .npy or PNGs as a Spark DataFrame, through Arrow from the driver: for a cluster,
+    whose executors cannot read this machine's files. Bounded by the driver's memory."""
     import numpy as np
     import pyarrow as pa
 
@@ -205,6 +295,31 @@ def images_from_files(spark, images: str):
 
 
 # --------------------------------------------------------------------------- scoring
+
+
+@contextlib.contextmanager
+def progress(spark, every: float = PROGRESS_EVERY_S) -> Iterator[None]:
+    """Every ``every`` seconds while the block runs, one line per running Spark stage (its
+    tasks done of all): a long job is seen to move (Spark's own console bar is off, being
+    written over the step's lines)."""
+    import threading
+
+    tracker, stop = spark.sparkContext.statusTracker(), threading.Event()
+
+    def report() -> None:
+        while not stop.wait(every):
+            for stage in filter(None, map(tracker.getStageInfo, tracker.getActiveStageIds())):
+                log.info("score: %d of %d tasks done (Spark stage %d)",
+                         stage.numCompletedTasks, stage.numTasks, stage.stageId)
+
+    thread = threading.Thread(target=report, name="score-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
 
 
 def score(spark, frame, model_dir: str, model_version: str):
