@@ -1,7 +1,7 @@
 """Data-parallel and multi-node ``train`` (torch.distributed, gloo on CPU).
 
-- ``workers=2`` trains the model ``workers=1`` trains (per-epoch train_loss within 1%
-  relative, val_accuracy within 0.005) on 6000 digit images, under real ``mlflow run``;
+- ``workers=2`` trains the model ``workers=1`` trains (the mlp; per-epoch train_loss within
+  1e-3 relative, val_accuracy within 0.005) on 6000 digit images, under real ``mlflow run``;
   one run, one value per metric per epoch, one pair of logged models.
 - Two "nodes" of one worker each, started from the commands in
   ``deploy/k8s/train-multinode.yaml`` as separate process groups on 127.0.0.1, give the
@@ -220,16 +220,16 @@ def metric_histories(run_id: str) -> dict[str, list[float]]:
     return histories
 
 
-# Per-epoch train_loss of one job against another, relative. The replicas' gradients are
-# summed in another order than one process sums them; the default cnn recipe (one-cycle
-# peak 0.003, shifts) carries that rounding further than the mlp did: 0.45% at epoch 2 of
-# 4 measured, against under 0.1% for the mlp at a constant 0.001.
-TRAIN_LOSS_TOLERANCE = 1e-2
+# These jobs train the mlp: its workers=2 run matches workers=1 to rounding. The cnn's
+# convolutions carry the replicas' other summation order much further (docs/scaling-out.md:
+# in one process, splitting each batch's forward in two moves the default cnn recipe's
+# epoch-3 train_loss by 2.8%), too far for an equality test to tell a bug from rounding.
+ARCH = ("-P", "arch=mlp")
 
 
 def assert_same_training(a: dict, b: dict) -> None:
     for loss_a, loss_b in zip(a["train_loss"], b["train_loss"], strict=True):
-        assert abs(loss_a - loss_b) <= TRAIN_LOSS_TOLERANCE * abs(loss_a), (a, b)
+        assert abs(loss_a - loss_b) <= 1e-3 * abs(loss_a), (a, b)
     for acc_a, acc_b in zip(a["val_accuracy"], b["val_accuracy"], strict=True):
         assert abs(acc_a - acc_b) <= 0.005, (a, b)
 
@@ -251,7 +251,7 @@ def jobs(tmp_path_factory):
         for workers in (1, 2):
             before = {r.info.run_id for r in train_runs()}
             result = mlflow_run("-e", "train", "-P", f"data={data}", "-P", f"epochs={EPOCHS}",
-                                "-P", f"workers={workers}", "-P", "device=cpu")
+                                "-P", f"workers={workers}", "-P", "device=cpu", *ARCH)
             assert result.returncode == 0, result.stderr[-3000:]
             new_runs[workers] = [r.info.run_id for r in train_runs()
                                  if r.info.run_id not in before]
@@ -308,7 +308,7 @@ def test_a_rank_killed_in_epoch_2_costs_one_restart_not_the_training(jobs):
         before = {r.info.run_id for r in train_runs()}
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
                       "train", "--env-manager", "local", "-P", f"data={jobs['data']}",
-                      "-P", f"epochs={EPOCHS}", "-P", "workers=2", "-P", "device=cpu",
+                      "-P", f"epochs={EPOCHS}", "-P", "workers=2", "-P", "device=cpu", *ARCH,
                       "-P", "max_restarts=1"])
         run_id = _new_train_run(before, proc, epoch=0)
         ranks = _every_rank_of(run_id)
@@ -342,7 +342,7 @@ def _multinode_config() -> dict[str, str]:
 def _pod_starter(config: dict[str, str], data: str):
     """start(index): the manifest's own script run as that pod would run it, on loopback."""
     script = _multinode_script()
-    pod_env = {**config, "EPOCHS": str(EPOCHS), "DATA_URI": data,
+    pod_env = {**config, "EPOCHS": str(EPOCHS), "ARCH": ARCH[1].split("=")[1], "DATA_URI": data,
                "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
 
     def start_pod(index: int) -> subprocess.Popen:
@@ -475,7 +475,7 @@ def test_a_data_parallel_job_killed_midway_resumes_from_rank_0s_checkpoint(jobs)
         client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
         # device=cpu, not main's default: main cannot take this run for one of its own.
-        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2", "-P", "device=cpu"]
+        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2", "-P", "device=cpu", *ARCH]
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
                       "train", "--env-manager", "local", "-P", f"data={jobs['data']}", *params])
         run_id = _new_train_run(before, proc, epoch=0)
@@ -516,7 +516,7 @@ def test_a_lost_agent_stops_its_ranks_and_its_run_is_continued_without_retrainin
         client = mlflow.MlflowClient()
         before = {r.info.run_id for r in train_runs()}
         # Only parameters main passes on, the others at their defaults: main can find it.
-        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2"]
+        params = ["-P", f"epochs={EPOCHS}", "-P", "workers=2", *ARCH]
         proc = start([os.path.join(VENV_BIN, "mlflow"), "run", str(PROJECT_DIR), "-e",
                       "train", "--env-manager", "local", "-P", f"data={jobs['data']}", *params])
         run_id = _new_train_run(before, proc, epoch=0)
