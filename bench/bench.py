@@ -4,8 +4,9 @@ Data: the real MNIST test images from ../shared/datasets/mnist-t10k tiled six ti
 60,000-image training split (test split: the 10,000 originals); generated digits when that
 folder is absent. Everything runs against a fresh sqlite store under bench/work/.
 
-Sections 1-9 train the tutorials' MLP (``-P arch=mlp``), the seed-style script's network,
-so that they compare data paths, start-ups and recoveries like for like. Measures:
+Sections 1-9 train the tutorials' MLP at a constant rate without shifts (``BASELINE``), the
+seed-style script's network and recipe, so that they compare data paths, start-ups and
+recoveries like for like. Measures:
   1. per-epoch time of the train step's loop vs a bare in-memory PyTorch loop vs the
      seed-style loop (torchvision MNIST dataset, per-sample ToTensor, DataLoader);
   2. the first full ``mlflow run .`` (epochs=5, data_dir = the tiled set) vs the seed-style
@@ -75,9 +76,14 @@ WORK = ROOT / "bench" / "work"
 SHARED = ROOT.parent / "shared" / "datasets" / "mnist-t10k"
 EPOCHS = 5
 BATCH = 64
-# Sections 1-9 train the tutorials' network, the seed-style script's, so that they compare
-# data paths, start-ups and recoveries like for like; section 10 compares recipes.
-ARCH = "mlp"
+# Sections 1-9 train the tutorials' network and recipe, the seed-style script's (the mlp,
+# Adam at a constant 0.001, no shifts), so that they compare data paths, start-ups and
+# recoveries like for like; section 10 compares recipes.
+BASELINE = {"arch": "mlp", "learning_rate": 0.001, "lr_schedule": "constant",
+            "augment": "none"}
+TRAIN_FLAGS = [f for name, value in BASELINE.items()
+               for f in (f"--{name.replace('_', '-')}", str(value))]
+MLFLOW_PARAMS = [f for name, value in BASELINE.items() for f in ("-P", f"{name}={value}")]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -135,7 +141,7 @@ def write_small_subset(data_root: Path) -> Path:
 def bare_epoch(x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> float:
     """The floor: same model, batch and optimiser, tensors in memory, nothing else."""
     torch.manual_seed(0)
-    model = build_model(ARCH).to(device)
+    model = build_model(BASELINE["arch"]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     x, y = x.to(device), y.to(device)
@@ -199,7 +205,7 @@ def killed_and_resumed(store: Path, data_uri: str, client) -> dict:
     """Item 6: one uninterrupted 5-epoch train, and one SIGKILLed halfway through epoch 3,
     then continued from its checkpoint with --resume."""
     args = [sys.executable, "-m", "steps.train", "--epochs", str(EPOCHS), "--device", "cpu",
-            "--arch", ARCH,
+            *TRAIN_FLAGS,
             "--data", data_uri]
     uninterrupted, _, _ = timed(args, store)
     started = time.perf_counter()
@@ -230,7 +236,7 @@ def restarted_job(store: Path, data_uri: str, client) -> dict:
     """Item 8: a 4-epoch ``workers=2`` job uninterrupted, and the same job with rank 1
     SIGKILLed in the middle of epoch 2 and ``--max-restarts 1``."""
     args = [sys.executable, "-m", "steps.train", "--epochs", "4", "--device", "cpu",
-            "--arch", ARCH,
+            *TRAIN_FLAGS,
             "--data", data_uri, "--workers", "2", "--max-restarts", "1"]
     uninterrupted, _, _ = timed(args, store)
     started = time.perf_counter()
@@ -301,7 +307,7 @@ def system_metrics_cost(dataset, n_train: int, store: Path) -> dict:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop
-    cfg = TrainConfig(epochs=2, device="cpu", arch=ARCH)
+    cfg = TrainConfig(epochs=2, device="cpu", **BASELINE)
     ids = np.arange(n_train), np.arange(n_train, len(dataset.y_train))
     times: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(2):
@@ -360,7 +366,7 @@ def main() -> None:
 
     mlflow = str(VENV_BIN / "mlflow")
     pipeline = [mlflow, "run", str(ROOT), "--env-manager", "local", "-P", f"epochs={EPOCHS}",
-                "-P", f"arch={ARCH}",
+                *MLFLOW_PARAMS,
                 "-P", f"data_dir={data_root / 'MNIST' / 'raw'}"]
     first_wall, _, _ = timed(pipeline, store)
     cached_wall, _, cached_log = timed(pipeline, store)
@@ -370,13 +376,13 @@ def main() -> None:
     eval_step_wall, _, _ = timed([sys.executable, "-m", "steps.evaluate"], store)
     floor_wall = tracked_noop_floor(store)
     train_wall, train_rss, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "1",
-                                      "--arch", ARCH],
+                                      *TRAIN_FLAGS],
                                      store)
     # Peak RSS again with 8k training images: the slope is what the data costs per pixel.
     timed([sys.executable, "-m", "steps.download_data", "--data-dir",
            str(write_small_subset(data_root))], store)
-    _, small_rss, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "1", "--arch",
-                             ARCH], store)
+    _, small_rss, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "1",
+                             *TRAIN_FLAGS], store)
     slope = (train_rss - small_rss) * 2**20 / ((len(y) - SMALL) * 28 * 28)
 
     import mlflow as mlf
@@ -395,7 +401,7 @@ def main() -> None:
     data_60k = train_run.data.tags["pipeline.data_uri"]
     scale = {}
     for workers in (1, 2):
-        wall, _, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "2", "--arch", ARCH,
+        wall, _, _ = timed([sys.executable, "-m", "steps.train", "--epochs", "2", *TRAIN_FLAGS,
                             "--device",
                             "cpu", "--data", data_60k, "--workers", str(workers)], store)
         job = client.search_runs(["0"], "tags.`pipeline.step` = 'train'",
@@ -442,7 +448,7 @@ def main() -> None:
     if torch.cuda.is_available():
         xg, yg = x[:n_train], y[:n_train]
         bare_gpu = min(bare_epoch(xg, yg, "cuda") for _ in range(2))
-        cfg = TrainConfig(epochs=2, device="cuda", arch=ARCH)
+        cfg = TrainConfig(epochs=2, device="cuda", **BASELINE)
         peaks = {}
         for n in (SMALL, len(y)):  # device memory on 8k and on 60k images
             torch.cuda.empty_cache()
@@ -466,7 +472,7 @@ def main() -> None:
         "6 checkpoint write <= 5% of the epoch": results["checkpoints"]["of_epoch"] <= 0.05,
         "7 system metrics <= 2% of the epoch": results["system_metrics"]["overhead"] <= 0.02,
         "8 default recipe's epoch on 54k <= 10 s": default_epoch <= 10,
-        "9 score's driver memory flat from 60k to 240k images (within 100 MiB)":
+        "9b score's driver memory flat from 60k to 240k images (within 100 MiB)":
             results["scoring_scale"]["spark_peak_rss_mib"]
             - results["scoring"]["spark_peak_rss_mib"] <= 100,
     }
@@ -518,7 +524,7 @@ def format_table(r: dict) -> str:
     lines.append(f"| same, best epoch (speed-up {so['epoch_speedup']:.2f}x) | "
                  f"{so['workers_1']['epoch_s']:.2f} s / {so['workers_2']['epoch_s']:.2f} s |")
     ck, rs, sm = r["checkpoints"], r["resume"], r["system_metrics"]
-    lines.append(f"| checkpoint ({ARCH}): size, write per epoch | "
+    lines.append(f"| checkpoint ({BASELINE['arch']}): size, write per epoch | "
                  f"{ck['bytes'] / 2**20:.1f} MiB, {ck['write_s_per_epoch'] * 1000:.0f} ms = "
                  f"{ck['of_epoch'] * 100:.1f}% of the epoch (goal <= 5%) |")
     lines.append(f"| train 5 epochs on 60k: uninterrupted | {rs['uninterrupted_s']:.1f} s |")

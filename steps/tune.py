@@ -4,7 +4,7 @@ Reads:  one download_data run's artifact, fetched (or reused from the step cache
         child run and shared by every trial; with ``--storage``, the Optuna study
         ``--study-name`` in that storage, shared with every other ``tune`` pointed at it.
 Writes: a nested run per trial (params ``learning_rate``, ``batch_size``, ``optimizer``,
-        ``arch``, ``hidden``; per-epoch ``train_loss``, ``val_loss``, ``val_accuracy``;
+        ``arch``, ``hidden``, ``lr_schedule``, ``augment``; per-epoch ``train_loss``, ``val_loss``, ``val_accuracy``;
         ``best_val_accuracy``; ``stopped_epoch`` with ``--patience`` (early stopping); tag
         ``optuna.state`` COMPLETE or PRUNED; a diverging trial's run is FAILED and the sweep
         goes on); on this run: params (every option), metrics ``best_val_accuracy``,

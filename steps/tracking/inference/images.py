@@ -1,6 +1,7 @@
 """Digit images from files: a PNG, a folder of PNGs or an ``.npy`` array, as ``predict``
 and ``score`` read them. Anything that is not digit images is refused in one line naming
-``images`` (a StepError), before a model is loaded or a Spark job started.
+``images`` (a StepError): by ``predict`` before a model is loaded, by ``score`` in local
+mode from inside its Spark job (the PNGs are decoded there), as the job's one-line failure.
 
 PNGs are read as grayscale and resized to 28x28. MNIST digits are light on dark; an image
 whose background is light (mean above mid-grey) is inverted, as a drawing usually is.

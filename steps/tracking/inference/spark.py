@@ -5,9 +5,10 @@ Every check that can be made before a Spark job starts is made first, each faili
 line naming its parameter: Java, the images, their pixel column, the output.
 
 The images reach Spark without passing whole through the driver, so its memory does not
-grow with them: Parquet is read by Spark itself; in local mode an ``.npy`` is read through
-a memory map and staged as Parquet a chunk at a time (:data:`NPY_CHUNK` images), and a PNG
-folder is listed by Spark (its ``binaryFile`` source) and decoded on the executors. On a
+grow with them: Parquet is read by Spark itself; in local mode an ``.npy`` is read from its
+file and staged as Parquet a chunk at a time (:data:`NPY_CHUNK` images; a Fortran-order
+array whole), and a PNG folder's files are handed to Spark by name (its ``binaryFile``
+source reads them) and decoded on the executors. On a
 cluster, whose executors cannot see the driver's disk, an ``.npy`` or PNGs go through the
 driver instead (``createDataFrame``), bounded by its memory: give a cluster Parquet on
 shared storage (docs/scoring.md). A job that
@@ -86,7 +87,10 @@ def spark_session(master: str, batch_size: int) -> Iterator:
     builder = (SparkSession.builder.master(master).appName("mnist-score")
                .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               .config("spark.ui.showConsoleProgress", "false"))
+               .config("spark.ui.showConsoleProgress", "false")
+               # 16 MB of input per task, not 128: 20,000 uint8 images, so that a long job
+               # has tasks enough for its progress lines to move (and cores to share).
+               .config("spark.sql.files.maxPartitionBytes", str(16 * 2**20)))
     if is_local(master):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = (builder.config("spark.driver.host", "127.0.0.1")
@@ -132,6 +136,9 @@ def spark_cause(exc: BaseException) -> str:
     ...``), for the JVM the first line of its message."""
     text = str(exc)
     if any(sign in text for sign in OUT_OF_MEMORY):
+        if "Lost task" in text or "executor" in text.lower():
+            return ("an executor ran out of memory (Java heap space); give executors more "
+                    "(spark.executor.memory) or lower batch_size")
         return ("the driver's JVM ran out of memory (Java heap space); give it more with "
                 "PYSPARK_SUBMIT_ARGS='--driver-memory 4g pyspark-shell', or score Parquet, "
                 "which Spark reads without the driver")
@@ -251,18 +258,17 @@ def stage_npy(path: Path, staging: Path, chunk: int = NPY_CHUNK) -> int:
 
 
 def png_folder(spark, images: str):
-    """A PNG (or a folder of them) as a Spark DataFrame: Spark lists and reads the files,
-    and each executor decodes its share as ``predict`` does (grayscale, 28x28, a light
+    """A PNG (or a folder of them) as a Spark DataFrame: the files ``predict`` would read
+    (the folder's ``*.png``, not its subfolders), listed here by name only, read by Spark
+    and decoded by each executor as ``predict`` decodes them (grayscale, 28x28, a light
     background inverted)."""
     import numpy as np
     import pandas as pd
 
     source = Path(images).resolve()
-    if source.is_dir() and not any(source.glob("*.png")):
+    files = sorted(source.glob("*.png")) if source.is_dir() else [source]
+    if not files:
         raise StepError(f"images={images!r}: the folder holds no .png files")
-    reader = spark.read.format("binaryFile")
-    if source.is_dir():
-        reader = reader.option("pathGlobFilter", "*.png")
 
     def decode(batches):
         from steps.tracking.inference.images import read_png
@@ -273,9 +279,9 @@ def png_folder(spark, images: str):
                       for name, content in zip(names, batch["content"], strict=True)]
             yield pd.DataFrame({"id": names, "pixels": pixels})
 
-    frame = reader.load(str(source)).select("path", "content")
-    frame = frame.mapInPandas(decode, "id string, pixels array<float>")
-    return frame, reader.load(str(source)).count()
+    frame = spark.read.format("binaryFile").load([str(f) for f in files])
+    frame = frame.select("path", "content").mapInPandas(decode, "id string, pixels array<float>")
+    return frame, len(files)
 
 
 def images_from_files(spark, images: str):
@@ -308,7 +314,12 @@ def progress(spark, every: float = PROGRESS_EVERY_S) -> Iterator[None]:
 
     def report() -> None:
         while not stop.wait(every):
-            for stage in filter(None, map(tracker.getStageInfo, tracker.getActiveStageIds())):
+            try:
+                stages = list(filter(None, map(tracker.getStageInfo,
+                                               tracker.getActiveStageIds())))
+            except Exception:  # a JVM that died: the job's own failure says why
+                return
+            for stage in stages:
                 log.info("score: %d of %d tasks done (Spark stage %d)",
                          stage.numCompletedTasks, stage.numTasks, stage.stageId)
 

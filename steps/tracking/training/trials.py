@@ -59,7 +59,9 @@ def to_train_params(params: dict) -> dict:
     return {"learning_rate": params["learning_rate"], "batch_size": params["batch_size"],
             "optimizer": params["optimizer"], "arch": arch,
             "hidden": f"{params[prefix + '_1']},{params[prefix + '_2']}",
-            **{name: params[name] for name in ("lr_schedule", "augment") if name in params}}
+            # A trial of a study begun before these knobs trained without them.
+            "lr_schedule": params.get("lr_schedule", "constant"),
+            "augment": params.get("augment", "none")}
 
 
 @dataclass
