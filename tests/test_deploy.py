@@ -452,23 +452,16 @@ def cluster(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("cluster")
-    with basic_auth_server(root, ADMIN_PASSWORD) as url:
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",
-                                                 "MLFLOW_TRACKING_USERNAME",
-                                                 "MLFLOW_TRACKING_PASSWORD")}
-        os.environ.update(MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME="admin",
-                          MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
+    with basic_auth_server(root, ADMIN_PASSWORD) as url, pytest.MonkeyPatch.context() as env:
+        for key, value in (("MLFLOW_TRACKING_URI", url), ("MLFLOW_TRACKING_USERNAME", "admin"),
+                           ("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)):
+            env.setenv(key, value)
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(url)
         try:
             yield {"url": url, "root": root, "config_maps": {"mlflow-tracking": {"uri": url}}}
         finally:
             mlflow.set_tracking_uri(previous)
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def assert_wrote_only_their_volumes(*stages: Path) -> None:

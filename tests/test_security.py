@@ -29,6 +29,7 @@ from helpers.processes import (
     start_listening,
     subprocess_env,
 )
+from helpers.store import basic_auth_server
 from steps.tracking.runtime import tags
 from steps.tracking.runtime.cli import StepError, run_cli, setup_logging
 from steps.tracking.runtime.redact import redact
@@ -89,30 +90,8 @@ def test_log_lines_and_error_lines_are_redacted(capsys, caplog):
 def auth_server(tmp_path_factory):
     """``mlflow server --app-name basic-auth`` with proxied artifacts, on 127.0.0.1."""
     root = tmp_path_factory.mktemp("auth")
-    # MLflow's own auth settings, with its credential cache on (auth_cache_ttl_seconds):
-    # without it the server checks the password hash on every request, about 1 s each on
-    # two cores (61 ms without auth), and a digits pipeline takes minutes.
-    config = root / "basic_auth.ini"
-    config.write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = admin\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        "auth_cache_ttl_seconds = 600\n")
-    env = subprocess_env(MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
-                         MLFLOW_AUTH_CONFIG_PATH=str(config),
-                         MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-csrf-key")
-    server, port = start_listening(
-        lambda port: [os.path.join(VENV_BIN, "mlflow"), "server", "--app-name", "basic-auth",
-                      "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                      "--artifacts-destination", str(root / "artifacts"),
-                      "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        root / "server.log", "/health", cwd=root, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with basic_auth_server(root, ADMIN_PASSWORD) as url:
         yield {"url": url, "root": root}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 @pytest.fixture
